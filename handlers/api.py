@@ -1,0 +1,340 @@
+"""``POST /api/<method>``: the Centrifugo-style server API (the ``cent`` library's target).
+
+Auth: ``X-API-Key: KEY`` or ``Authorization: apikey KEY`` (constant-time
+compare; 401 otherwise; every request refused while ``api.key`` is empty).
+Replies are HTTP 200 with ``{"result": ...}`` or ``{"error": {code, message}}``
+using the client error codes; malformed JSON is 400, unknown methods 404.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import orjson
+import tornado.web
+
+from server import codes
+from server.broker import StreamPosition
+from server.errors import ClientError
+from server.hub import Hub
+from server.protocol import pub_to_dict
+from server.protocol.codec import info_to_dict
+
+log = logging.getLogger("squall.api")
+
+ApiMethod = Callable[["Api", Mapping[str, Any]], Awaitable[dict[str, Any]]]
+
+
+def _str(params: Mapping[str, Any], key: str, *, required: bool = True) -> str:
+    value = params.get(key, "")
+    if value is None:
+        value = ""
+    if not isinstance(value, str) or (required and not value):
+        raise ClientError(codes.BAD_REQUEST, f"{key} required")
+    return value
+
+
+class Api:
+    """The server API methods, independent of HTTP (also used by ``batch``)."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def _channel(self, params: Mapping[str, Any]) -> tuple[str, Any]:
+        channel = _str(params, "channel")
+        if len(channel) > self.hub.config.client.max_channel_length:
+            raise ClientError(codes.BAD_REQUEST, "channel name too long")
+        opts = self.hub.config.channel_options(channel)
+        if opts is None:
+            raise ClientError(codes.UNKNOWN_CHANNEL)
+        return channel, opts
+
+    async def call(self, method: str, params: Any) -> dict[str, Any]:
+        """Run one method; errors become ``{"error": ...}``."""
+        fn = METHODS.get(method)
+        if fn is None:
+            return {"error": codes.METHOD_NOT_FOUND.to_dict()}
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            return {"error": codes.BAD_REQUEST.to_dict("params must be an object")}
+        self.hub.metrics.api_requests[method] += 1
+        try:
+            return {"result": await fn(self, params)}
+        except ClientError as exc:
+            return {"error": exc.to_dict()}
+
+    async def publish(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channel, opts = self._channel(p)
+        if "data" not in p:
+            raise ClientError(codes.BAD_REQUEST, "data required")
+        if p.get("skip_history"):
+            opts = _without_history(opts)
+        position = await self.hub.publish(
+            channel,
+            orjson.dumps(p["data"]),
+            opts,
+            tags=_tags(p),
+            idempotency_key=_str(p, "idempotency_key", required=False),
+        )
+        return {"offset": position.offset, "epoch": position.epoch}
+
+    async def broadcast(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channels = p.get("channels")
+        if not isinstance(channels, list) or not channels:
+            raise ClientError(codes.BAD_REQUEST, "channels required")
+        if "data" not in p:
+            raise ClientError(codes.BAD_REQUEST, "data required")
+        responses = []
+        for channel in channels:
+            responses.append(await self.call("publish", {**p, "channel": channel}))
+        return {"responses": responses}
+
+    async def subscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        user = _str(p, "user", required=False)
+        channel, _ = self._channel(p)
+        await self.hub.control(
+            "subscribe", user=user, channel=channel, client=_str(p, "client", required=False)
+        )
+        return {}
+
+    async def unsubscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        user = _str(p, "user", required=False)
+        channel, _ = self._channel(p)
+        await self.hub.control(
+            "unsubscribe", user=user, channel=channel, client=_str(p, "client", required=False)
+        )
+        return {}
+
+    async def disconnect(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        user = _str(p, "user", required=False)
+        d = p.get("disconnect") or {}
+        if not isinstance(d, dict):
+            raise ClientError(codes.BAD_REQUEST, "disconnect must be an object")
+        code = d.get("code") or codes.FORCE_DISCONNECT.code
+        reason = d.get("reason") or codes.FORCE_DISCONNECT.reason
+        if not isinstance(code, int) or not 3000 <= code < 5000 or not isinstance(reason, str):
+            raise ClientError(codes.BAD_REQUEST, "disconnect code must be in 3000-4999")
+        await self.hub.control(
+            "disconnect",
+            user=user,
+            client=_str(p, "client", required=False),
+            code=code,
+            reason=reason[:120],
+        )
+        return {}
+
+    async def refresh(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        user = _str(p, "user", required=False)
+        expire_at = p.get("expire_at") or 0
+        if not isinstance(expire_at, int):
+            raise ClientError(codes.BAD_REQUEST, "expire_at must be an integer")
+        await self.hub.control(
+            "refresh",
+            user=user,
+            client=_str(p, "client", required=False),
+            expired=bool(p.get("expired")),
+            expire_at=expire_at,
+        )
+        return {}
+
+    async def send(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        """Squall extension: a ``message`` push to every connection of ``user``."""
+        user = _str(p, "user", required=False)
+        if "data" not in p:
+            raise ClientError(codes.BAD_REQUEST, "data required")
+        await self.hub.control(
+            "message",
+            user=user,
+            client=_str(p, "client", required=False),
+            data=orjson.dumps(p["data"]).decode(),
+        )
+        return {}
+
+    async def presence(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channel, opts = self._channel(p)
+        if not opts.presence:
+            raise ClientError(codes.NOT_AVAILABLE)
+        entries = await self.hub.presence(channel)
+        return {"presence": {cid: info_to_dict(info) for cid, info in entries.items()}}
+
+    async def presence_stats(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channel, opts = self._channel(p)
+        if not opts.presence:
+            raise ClientError(codes.NOT_AVAILABLE)
+        num_clients, num_users = await self.hub.presence_stats(channel)
+        return {"num_clients": num_clients, "num_users": num_users}
+
+    async def history(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channel, opts = self._channel(p)
+        if not (opts.history_enabled or opts.persist):
+            raise ClientError(codes.NOT_AVAILABLE)
+        limit = p.get("limit") or 0
+        if not isinstance(limit, int):
+            raise ClientError(codes.BAD_REQUEST, "limit must be an integer")
+        since_raw = p.get("since")
+        since = None
+        if since_raw is not None:
+            if not isinstance(since_raw, dict):
+                raise ClientError(codes.BAD_REQUEST, "since must be an object")
+            offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
+            if not isinstance(offset, int) or not isinstance(epoch, str) or offset < 0:
+                raise ClientError(codes.BAD_REQUEST, "since needs offset and epoch")
+            since = StreamPosition(offset, epoch)
+        page = await self.hub.history(
+            channel,
+            opts,
+            since=since,
+            limit=None if limit < 0 else limit,
+            reverse=bool(p.get("reverse")),
+        )
+        return {
+            "publications": [pub_to_dict(pub) for pub in page.publications],
+            "offset": page.position.offset,
+            "epoch": page.position.epoch,
+        }
+
+    async def history_remove(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        channel, opts = self._channel(p)
+        if not (opts.history_enabled or opts.persist):
+            raise ClientError(codes.NOT_AVAILABLE)
+        await self.hub.broker.remove_history(channel)
+        if opts.persist:
+            await self.hub.store.remove(channel)
+        return {}
+
+    async def channels(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        pattern = _str(p, "pattern", required=False)
+        out = {}
+        for name, chan in self.hub.channels.items():
+            if pattern and not fnmatch.fnmatchcase(name, pattern):
+                continue
+            out[name] = {"num_clients": len(chan.subs)}
+        return {"channels": out}
+
+    async def info(self, p: Mapping[str, Any]) -> dict[str, Any]:
+        nodes = []
+        for node in self.hub.nodes():
+            nodes.append(
+                {
+                    "uid": node.uid,
+                    "name": node.name,
+                    "version": node.version,
+                    "num_clients": node.num_clients,
+                    "num_users": node.num_users,
+                    "num_subs": node.num_subs,
+                    "num_channels": node.num_channels,
+                    "uptime": node.uptime,
+                    **node.extra,
+                }
+            )
+        return {"nodes": nodes}
+
+
+def _tags(p: Mapping[str, Any]) -> dict[str, str] | None:
+    tags = p.get("tags")
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in tags.items()
+    ):
+        raise ClientError(codes.BAD_REQUEST, "tags must map strings to strings")
+    return tags
+
+
+def _without_history(opts: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(opts, history_size=0, history_ttl=0.0, persist=False)
+
+
+METHODS: dict[str, ApiMethod] = {
+    name: getattr(Api, name)
+    for name in (
+        "publish",
+        "broadcast",
+        "subscribe",
+        "unsubscribe",
+        "disconnect",
+        "refresh",
+        "send",
+        "presence",
+        "presence_stats",
+        "history",
+        "history_remove",
+        "channels",
+        "info",
+    )
+}
+MAX_BATCH = 1000
+
+
+class ApiHandler(tornado.web.RequestHandler):
+    def initialize(self, hub: Hub) -> None:
+        self.hub = hub
+        self.api = Api(hub)
+
+    def check_xsrf_cookie(self) -> None:
+        return None
+
+    def _authorized(self) -> bool:
+        key = self.hub.config.api.key
+        if not key:
+            return False
+        given = self.request.headers.get("X-API-Key", "")
+        if not given:
+            auth = self.request.headers.get("Authorization", "")
+            scheme, _, value = auth.partition(" ")
+            if scheme.lower() == "apikey":
+                given = value.strip()
+        return bool(given) and hmac.compare_digest(given.encode(), key.encode())
+
+    async def _reply(self, status: int, body: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        await self.finish(orjson.dumps(body))
+
+    async def post(self, method: str) -> None:
+        if not self._authorized():
+            log.info(
+                "api request refused: bad or missing API key remote=%s", self.request.remote_ip
+            )
+            await self._reply(401, {"error": codes.UNAUTHORIZED.to_dict()})
+            return
+        if len(self.request.body) > self.hub.config.api.max_body_bytes:
+            await self._reply(
+                413, {"error": codes.LIMIT_EXCEEDED.to_dict("request body too large")}
+            )
+            return
+        try:
+            params = orjson.loads(self.request.body) if self.request.body else {}
+        except orjson.JSONDecodeError:
+            log.info("api request with invalid JSON method=%s", method)
+            await self._reply(400, {"error": codes.BAD_REQUEST.to_dict("invalid JSON")})
+            return
+        if method == "batch":
+            await self._reply(200, await self._batch(params))
+            return
+        if method not in METHODS:
+            log.info("api unknown method %r", method)
+            await self._reply(404, {"error": codes.METHOD_NOT_FOUND.to_dict()})
+            return
+        await self._reply(200, await self.api.call(method, params))
+
+    async def _batch(self, params: Any) -> dict[str, Any]:
+        commands = params.get("commands") if isinstance(params, dict) else None
+        if not isinstance(commands, list) or len(commands) > MAX_BATCH:
+            return {"error": codes.BAD_REQUEST.to_dict(f"commands: a list of at most {MAX_BATCH}")}
+        replies: list[dict[str, Any]] = []
+        for command in commands:
+            if not isinstance(command, dict) or len(command) != 1:
+                replies.append({"error": codes.BAD_REQUEST.to_dict("one method per command")})
+                continue
+            ((method, args),) = command.items()
+            out = await self.api.call(method, args)
+            replies.append({method: out["result"]} if "result" in out else out)
+        return {"replies": replies}

@@ -1,0 +1,68 @@
+"""Operational endpoints: ``/health`` (liveness), ``/ready`` (engines work), ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import orjson
+import tornado.web
+
+from server.errors import EngineError
+from server.hub import Hub
+
+READY_TIMEOUT: Final = 2.0  # seconds the broker probe may take
+
+
+class HealthHandler(tornado.web.RequestHandler):
+    def initialize(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        await self.finish(orjson.dumps({"status": "ok", "node": self.hub.node.name}))
+
+
+class ReadyHandler(tornado.web.RequestHandler):
+    """200 when the broker delivers end to end and the store accepts writes; else 503."""
+
+    def initialize(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def get(self) -> None:
+        broker: dict[str, object] = {"ready": True}
+        try:
+            await asyncio.wait_for(self.hub.broker.ping(), READY_TIMEOUT)
+        except (EngineError, TimeoutError) as exc:
+            broker = {"ready": False, "error": str(exc) or "timeout"}
+        status = self.hub.store.status()
+        store = {
+            "ready": status.ready,
+            "queue_depth": status.queue_depth,
+            "queue_limit": status.queue_limit,
+            "last_write_latency": status.last_write_latency,
+            **({"error": status.error} if status.error else {}),
+            **status.extra,
+        }
+        ready = bool(broker["ready"]) and status.ready and not self.hub.closing
+        self.set_status(200 if ready else 503)
+        self.set_header("Content-Type", "application/json")
+        await self.finish(
+            orjson.dumps(
+                {
+                    "ready": ready,
+                    "broker": broker,
+                    "store": store,
+                    "shutting_down": self.hub.closing,
+                }
+            )
+        )
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, hub: Hub) -> None:
+        self.hub = hub
+
+    async def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        await self.finish(self.hub.metrics.render())

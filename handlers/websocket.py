@@ -1,0 +1,139 @@
+"""``/connection/websocket``: a thin adapter from Tornado to ``server.client.Client``.
+
+Frames are written straight to the connection's ``IOStream``: a server
+frame is unmasked, so the frame for one payload is the same bytes for every
+recipient, and it is built once per flush and shared (see
+``Transport.write``). Writing through ``write_message`` would cost a task and
+a frame per recipient. When permessage-deflate is negotiated (opt-in,
+``client.compression``), frames go through ``write_message`` instead.
+
+The stream's ``max_write_buffer_size`` is set to ``client.max_queue_bytes``: a
+peer that stops reading makes the next write raise ``StreamBufferFullError``,
+which the client turns into disconnect 3008 (slow).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+import tornado.iostream
+import tornado.websocket
+
+from server.auth import TokenVerifier
+from server.client import Client, FrameCache, TransportBufferFull, TransportError
+from server.hub import Hub
+
+log = logging.getLogger("squall.client")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented WebSocket text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n <= 0xFFFF:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+class WebSocketTransport:
+    """``server.client.Transport`` over one Tornado WebSocket connection."""
+
+    __slots__ = ("_handler", "_raw", "_stream", "remote")
+
+    def __init__(self, handler: CentrifugoWebSocket, raw: bool) -> None:
+        self._handler = handler
+        conn = handler.ws_connection
+        # WebSocketProtocol13 keeps the detached IOStream as ``stream``.
+        self._stream: tornado.iostream.IOStream | None = getattr(conn, "stream", None)
+        self._raw = raw and self._stream is not None
+        self.remote = handler.request.remote_ip or ""
+
+    def write(self, payload: bytes, frames: FrameCache) -> None:
+        if not self._raw:
+            try:
+                _ = self._handler.write_message(payload)  # flow control: the stream's buffer limit
+            except tornado.websocket.WebSocketClosedError:
+                raise TransportError("closed") from None
+            return
+        entry = frames.get(id(payload))
+        if entry is not None and entry[0] is payload:
+            frame = entry[1]
+        else:
+            frame = text_frame(payload)
+            frames[id(payload)] = (payload, frame)
+        try:
+            self._stream.write(frame)  # type: ignore[union-attr]  # set whenever _raw is
+        except tornado.iostream.StreamBufferFullError:
+            raise TransportBufferFull("write buffer full") from None
+        except tornado.iostream.StreamClosedError:
+            raise TransportError("closed") from None
+
+    def close(self, code: int, reason: str) -> None:
+        self._handler.close(code, reason)
+
+
+class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
+    """One WebSocket connection speaking the Centrifugo JSON protocol."""
+
+    def initialize(self, hub: Hub, verifier: TokenVerifier) -> None:
+        self.hub = hub
+        self.verifier = verifier
+        self.client: Client | None = None
+
+    @property
+    def max_message_size(self) -> int:  # from config, not the application settings
+        return self.hub.config.client.max_frame_bytes
+
+    def check_origin(self, origin: str) -> bool:
+        allowed = self.hub.config.client.allowed_origins
+        if "*" in allowed:
+            return True
+        parts = urlsplit(origin)
+        if parts.netloc.lower() == (self.request.host or "").lower():
+            return True
+        if origin.lower().rstrip("/") in {o.lower() for o in allowed}:
+            return True
+        log.info(
+            "websocket refused: origin %s not allowed remote=%s", origin, self.request.remote_ip
+        )
+        return False
+
+    def get_compression_options(self) -> dict[str, Any] | None:
+        return {} if self.hub.config.client.compression else None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        if self.hub.closing:
+            self.set_status(503)
+            await self.finish("shutting down")
+            return
+        await super().get(*args, **kwargs)
+
+    def open(self, *args: str, **kwargs: str) -> None:
+        transport = WebSocketTransport(self, raw=not self.hub.config.client.compression)
+        stream = getattr(self.ws_connection, "stream", None)
+        if stream is not None:
+            stream.max_write_buffer_size = self.hub.config.client.max_queue_bytes
+        self.set_nodelay(True)
+        self.client = Client(self.hub, transport, self.verifier, str(uuid.uuid4()))
+
+    async def on_message(self, message: str | bytes) -> None:
+        # Awaited by Tornado before the next frame is read: commands stay in order.
+        if self.client is not None:
+            await self.client.handle_frame(message)
+
+    def on_close(self) -> None:
+        client = self.client
+        if client is None or client.closed:
+            return
+        conn = self.ws_connection
+        if conn is not None and conn.server_terminated:
+            # Tornado closed on its own: the only such case is an oversize frame.
+            client.on_transport_closed(1009, "message too big")
+        else:
+            code = self.close_code or 3000
+            client.on_transport_closed(code, self.close_reason or "connection closed")

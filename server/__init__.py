@@ -1,0 +1,3 @@
+"""Squall: a realtime hub on Tornado speaking the Centrifugo client protocol."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""JWT verification (PyJWT): connection tokens and channel tokens.
+
+Only the algorithms whose keys are configured are accepted: HS256 with
+``token.hmac_secret``, RS256 with ``token.rsa_public_key``, ES256 with
+``token.ecdsa_public_key``. ``alg: none`` and every other algorithm are
+rejected before any signature check. ``exp`` and ``nbf`` are always checked
+when present; ``aud``/``iss`` when configured.
+
+Connection token claims: ``sub`` (user id, ``""`` = anonymous), ``exp``,
+``info`` (any JSON, shown to other clients in presence and publications),
+``channels`` (server-side subscriptions), ``meta`` (server-only JSON).
+Channel token claims: ``sub`` (must equal the connection's user), ``channel``
+(must equal the channel subscribed), ``exp``, ``info``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import jwt
+import orjson
+
+from server.config import TokenConfig
+
+HMAC_ALG: Final = "HS256"
+RSA_ALG: Final = "RS256"
+ECDSA_ALG: Final = "ES256"
+
+
+class TokenError(Exception):
+    """The token is not acceptable. ``expired`` tells a refreshable expiry apart."""
+
+    def __init__(self, reason: str, *, expired: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.expired = expired
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a valid connection token says about its holder."""
+
+    user: str
+    exp: int = 0  # unix seconds; 0 = never expires
+    info: bytes | None = None  # raw JSON
+    channels: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelCredentials:
+    user: str
+    channel: str
+    exp: int = 0
+    info: bytes | None = None
+
+
+class TokenVerifier:
+    """Verifies tokens against the configured keys. Cheap enough for the IOLoop
+    (one HMAC or one RSA/ECDSA verify per connect)."""
+
+    def __init__(self, cfg: TokenConfig) -> None:
+        self._cfg = cfg
+        self._keys: dict[str, Any] = {}
+        if cfg.hmac_secret:
+            self._keys[HMAC_ALG] = cfg.hmac_secret
+        if cfg.rsa_public_key:
+            self._keys[RSA_ALG] = cfg.rsa_public_key
+        if cfg.ecdsa_public_key:
+            self._keys[ECDSA_ALG] = cfg.ecdsa_public_key
+
+    @property
+    def algorithms(self) -> tuple[str, ...]:
+        return tuple(self._keys)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        if not token:
+            raise TokenError("empty token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        key = self._keys.get(alg) if isinstance(alg, str) else None
+        if key is None or not isinstance(alg, str):
+            raise TokenError(f"algorithm {alg!r} not allowed")
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._cfg.audience or None,
+                issuer=self._cfg.issuer or None,
+                leeway=self._cfg.leeway,
+                options={"verify_aud": bool(self._cfg.audience)},
+            )
+        except jwt.ExpiredSignatureError:
+            raise TokenError("token expired", expired=True) from None
+        except jwt.InvalidTokenError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        sub = claims.get("sub", "")
+        if not isinstance(sub, str):
+            raise TokenError("sub claim must be a string")
+        exp = claims.get("exp", 0)
+        if not isinstance(exp, int) or isinstance(exp, bool):
+            raise TokenError("exp claim must be an integer")
+        return claims
+
+    def connection(self, token: str) -> Credentials:
+        """Verify a connection token. Raises ``TokenError``."""
+        claims = self._decode(token)
+        channels = claims.get("channels", [])
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise TokenError("channels claim must be a list of strings")
+        meta = claims.get("meta", {})
+        if not isinstance(meta, dict):
+            raise TokenError("meta claim must be an object")
+        return Credentials(
+            user=claims.get("sub", ""),
+            exp=claims.get("exp", 0),
+            info=_raw_json(claims, "info"),
+            channels=tuple(channels),
+            meta=meta,
+        )
+
+    def channel(self, token: str, *, user: str, channel: str) -> ChannelCredentials:
+        """Verify a channel token for ``channel`` held by ``user``. Raises ``TokenError``."""
+        claims = self._decode(token)
+        if claims.get("channel") != channel:
+            raise TokenError("token is for another channel")
+        if claims.get("sub", "") != user:
+            raise TokenError("token is for another user")
+        return ChannelCredentials(
+            user=user, channel=channel, exp=claims.get("exp", 0), info=_raw_json(claims, "info")
+        )
+
+
+def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:
+    if key not in claims:
+        return None
+    return orjson.dumps(claims[key])
+
+
+def make_token(
+    secret: str,
+    sub: str,
+    *,
+    ttl: float | None = 3600,
+    channel: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> str:
+    """Sign an HS256 token (development helper behind ``run.py token``)."""
+    claims: dict[str, Any] = {"sub": sub, **(extra or {})}
+    if ttl:
+        claims["exp"] = int(time.time() + ttl)
+    if channel is not None:
+        claims["channel"] = channel
+    return jwt.encode(claims, secret, algorithm=HMAC_ALG)

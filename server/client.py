@@ -1,0 +1,754 @@
+"""One connection's session: a transport-agnostic state machine.
+
+States: CONNECTING (only ``connect`` is accepted; closed as stale after
+``client.connect_timeout``) -> CONNECTED -> CLOSED. The client reads frames
+handed to ``handle_frame`` and writes only through its ``Transport``; it never
+imports Tornado.
+
+Commands of one connection are handled in order (the transport awaits
+``handle_frame``). Replies and pushes share one bounded outgoing queue, so a
+reply is never overtaken by a push queued after it, and a subscription's
+first publications always follow its subscribe reply.
+
+Bad input never raises out of here. It becomes an error reply (the
+connection stays) or a disconnect with a documented code, and one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from server import __version__, codes
+from server.auth import Credentials, TokenError, TokenVerifier
+from server.broker import ClientInfo, Publication, StreamPosition
+from server.config import ChannelOptions
+from server.errors import ClientError, DisconnectError
+from server.protocol import (
+    Command,
+    ProtocolViolation,
+    decode_frame,
+    encode_error,
+    encode_push,
+    encode_reply,
+    pub_to_dict,
+)
+from server.protocol.codec import info_to_dict
+
+if TYPE_CHECKING:
+    from server.hub import Hub
+
+log = logging.getLogger("squall.client")
+
+PING_FRAME = b"{}"
+Result = dict[str, Any] | tuple[dict[str, Any], Callable[[], None]] | None
+FrameCache = dict[int, tuple[bytes, bytes]]
+
+
+class TransportError(Exception):
+    """The transport cannot take the write."""
+
+
+class TransportBufferFull(TransportError):
+    """The socket's write buffer is over the connection's byte limit (slow reader)."""
+
+
+class Transport(Protocol):
+    """What a client writes to: one implementation per server transport."""
+
+    remote: str  # peer address, for logs
+
+    def write(self, payload: bytes, frames: FrameCache) -> None:
+        """Send ``payload`` as one text message.
+
+        ``frames`` is a cache shared by every write of one flush: a transport
+        that frames identical payloads identically may reuse the frame it
+        built for the same payload object (key ``id(payload)``; the cached
+        tuple keeps the payload alive so the id stays unique).
+
+        Raises:
+            TransportBufferFull: the peer is not reading fast enough.
+            TransportError: the connection is gone.
+        """
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with this WebSocket close code and reason. Idempotent."""
+
+
+class State(enum.IntEnum):
+    CONNECTING = 0
+    CONNECTED = 1
+    CLOSED = 2
+
+
+class Subscription:
+    """One channel a client is subscribed to."""
+
+    __slots__ = ("channel", "exp", "info", "live", "opts", "pending", "recoverable", "server_side")
+
+    def __init__(
+        self,
+        channel: str,
+        opts: ChannelOptions,
+        info: ClientInfo,
+        *,
+        recoverable: bool,
+        exp: int,
+        server_side: bool,
+    ) -> None:
+        self.channel = channel
+        self.opts = opts
+        self.info = info
+        self.recoverable = recoverable
+        self.exp = exp
+        self.server_side = server_side
+        self.live = False
+        # Publications that arrive before the subscribe reply is queued.
+        self.pending: list[Publication] | None = []
+
+
+def _bad_request(message: str) -> ClientError:
+    return ClientError(codes.BAD_REQUEST, message)
+
+
+class Client:
+    """See the module docstring."""
+
+    __slots__ = (
+        "_allowance",
+        "_allowance_at",
+        "_closed",
+        "_expiry_timer",
+        "_hub",
+        "_loop",
+        "_max_queue",
+        "_ping_timer",
+        "_pong_timer",
+        "_queue",
+        "_queued_bytes",
+        "_stale_timer",
+        "_sub_timers",
+        "_verifier",
+        "exp",
+        "id",
+        "info",
+        "meta",
+        "state",
+        "subs",
+        "transport",
+        "user",
+    )
+
+    def __init__(self, hub: Hub, transport: Transport, verifier: TokenVerifier, client_id: str):
+        self._hub = hub
+        self._verifier = verifier
+        self._loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.id = client_id
+        self.state = State.CONNECTING
+        self.user = ""
+        self.info: bytes | None = None
+        self.meta: dict[str, Any] = {}
+        self.exp = 0
+        self.subs: dict[str, Subscription] = {}
+        self._closed = False
+        self._queue: list[bytes] = []
+        self._queued_bytes = 0
+        cfg = hub.config.client
+        self._max_queue = cfg.max_queue_bytes
+        self._allowance = float(cfg.command_burst)
+        self._allowance_at = time.monotonic()
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pong_timer: asyncio.TimerHandle | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._sub_timers: dict[str, asyncio.TimerHandle] = {}
+        self._stale_timer: asyncio.TimerHandle | None = self._loop.call_later(
+            cfg.connect_timeout, self._stale
+        )
+
+    def __repr__(self) -> str:
+        return f"<Client {self.id} user={self.user!r} {self.state.name}>"
+
+    # ------------------------------------------------------------------ output
+
+    def enqueue(self, data: bytes) -> None:
+        """Queue one reply or push; the hub flushes it on the next tick."""
+        if self._closed:
+            return
+        size = len(data)
+        if self._queued_bytes + size > self._max_queue:
+            self._slow()
+            return
+        if not self._queue:
+            self._hub.schedule_flush(self)
+        self._queue.append(data)
+        self._queued_bytes += size
+
+    def flush(self, frames: FrameCache) -> None:
+        """Write everything queued as one newline-batched frame."""
+        queue = self._queue
+        if not queue or self._closed:
+            return
+        payload = queue[0] if len(queue) == 1 else b"\n".join(queue)
+        metrics = self._hub.metrics
+        metrics.messages_out += len(queue)
+        metrics.bytes_out += len(payload)
+        self._queue = []
+        self._queued_bytes = 0
+        try:
+            self.transport.write(payload, frames)
+        except TransportBufferFull:
+            self._slow()
+        except TransportError:
+            self.on_transport_closed()
+
+    def _slow(self) -> None:
+        self._queue = []
+        self._queued_bytes = 0
+        self.disconnect(codes.SLOW, f"outgoing backlog over {self._max_queue} bytes")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def disconnect(self, d: codes.Disconnect, detail: str = "") -> None:
+        """Close with ``d``: flush queued replies first (unless slow), log once."""
+        if self._closed:
+            return
+        if d is not codes.SLOW and self._queue:
+            self.flush({})
+            if self.closed:  # the flush itself may have failed and closed us
+                return
+        self._finish(d.code, d.reason, detail)
+        self.transport.close(d.code, d.reason)
+
+    def on_transport_closed(self, code: int = 3000, reason: str = "connection closed") -> None:
+        """The peer went away (or the transport closed on its own)."""
+        if not self._closed:
+            self._finish(code, reason, "")
+
+    def _finish(self, code: int, reason: str, detail: str) -> None:
+        self._closed = True
+        self.state = State.CLOSED
+        self._queue = []
+        for timer in (self._stale_timer, self._ping_timer, self._pong_timer, self._expiry_timer):
+            if timer is not None:
+                timer.cancel()
+        for timer in self._sub_timers.values():
+            timer.cancel()
+        self._sub_timers.clear()
+        self._hub.metrics.disconnects[code] += 1
+        log.info(
+            "disconnect code=%d reason=%s client=%s user=%s remote=%s%s",
+            code,
+            reason,
+            self.id,
+            self.user,
+            self.transport.remote,
+            f" detail={detail}" if detail else "",
+        )
+        self._hub.remove_client(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ input
+
+    async def handle_frame(self, data: str | bytes) -> None:
+        """Decode one inbound frame and run its commands in order."""
+        if self._closed:
+            return
+        self._hub.metrics.bytes_in += len(data)
+        try:
+            commands = decode_frame(
+                data, max_commands=self._hub.config.client.max_commands_per_frame
+            )
+        except ProtocolViolation as exc:
+            self.disconnect(exc.disconnect, exc.detail)
+            return
+        for cmd in commands:
+            if self.closed:  # an earlier command of this frame ended the connection
+                return
+            if not self._take_allowance():
+                self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "command rate exceeded")
+                return
+            await self._dispatch(cmd)
+
+    def _take_allowance(self) -> bool:
+        rate = self._hub.config.client.command_rate
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        burst = self._hub.config.client.command_burst
+        self._allowance = min(burst, self._allowance + (now - self._allowance_at) * rate)
+        self._allowance_at = now
+        if self._allowance < 1:
+            return False
+        self._allowance -= 1
+        return True
+
+    async def _dispatch(self, cmd: Command) -> None:
+        self._hub.metrics.messages_in += 1
+        method = cmd.method
+        if method == "pong":
+            if self._pong_timer is not None:
+                self._pong_timer.cancel()
+                self._pong_timer = None
+            return
+        if self.state is State.CONNECTING and method != "connect":
+            self.disconnect(codes.BAD_REQUEST_DISCONNECT, f"{method or 'unknown'} before connect")
+            return
+        if method == "connect" and self.state is State.CONNECTED:
+            self.disconnect(codes.BAD_REQUEST_DISCONNECT, "connect on a connected client")
+            return
+        if cmd.id == 0 and method != "send":
+            self.disconnect(codes.BAD_REQUEST_DISCONNECT, f"{method} without id")
+            return
+        if method == "":
+            log.info("unknown method client=%s user=%s", self.id, self.user)
+            self.enqueue(encode_error(cmd.id, codes.METHOD_NOT_FOUND.to_dict()))
+            return
+        started = time.perf_counter()
+        try:
+            result = await getattr(self, "_cmd_" + method)(cmd.params)
+        except ClientError as exc:
+            log.debug("command %s failed client=%s: %s", method, self.id, exc.message)
+            self.enqueue(encode_error(cmd.id, exc.to_dict()))
+        except DisconnectError as exc:
+            self.disconnect(exc.disconnect, exc.detail)
+        except Exception:
+            log.exception("command %s crashed client=%s", method, self.id)
+            self.enqueue(encode_error(cmd.id, codes.INTERNAL.to_dict()))
+        else:
+            if method == "send":
+                pass
+            elif isinstance(result, tuple):
+                reply, after = result
+                self.enqueue(encode_reply(cmd.id, method, reply))
+                after()
+            else:
+                self.enqueue(encode_reply(cmd.id, method, result))
+        self._hub.metrics.commands[method].observe(time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _channel(self, params: Mapping[str, Any]) -> tuple[str, ChannelOptions]:
+        channel = params.get("channel")
+        if not isinstance(channel, str) or not channel:
+            raise _bad_request("channel required")
+        if len(channel) > self._hub.config.client.max_channel_length:
+            raise _bad_request("channel name too long")
+        opts = self._hub.config.channel_options(channel)
+        if opts is None:
+            raise ClientError(codes.UNKNOWN_CHANNEL)
+        return channel, opts
+
+    def _allowed(self, channel: str, for_subscriber: bool, for_client: bool) -> bool:
+        return (for_subscriber and channel in self.subs) or (for_client and self.user != "")
+
+    def _ttl(self, exp: int) -> dict[str, Any]:
+        if not exp:
+            return {}
+        return {"expires": True, "ttl": max(0, int(exp - time.time()))}
+
+    # ------------------------------------------------------------------ connect / refresh
+
+    async def _cmd_connect(self, p: Mapping[str, Any]) -> Result:
+        cfg = self._hub.config.client
+        token = p.get("token") or ""
+        if not isinstance(token, str):
+            raise DisconnectError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
+        if token:
+            try:
+                creds = self._verifier.connection(token)
+            except TokenError as exc:
+                if exc.expired:
+                    log.info("connect with expired token client=%s", self.id)
+                    raise ClientError(codes.TOKEN_EXPIRED) from None
+                raise DisconnectError(codes.INVALID_TOKEN, exc.reason) from None
+        elif cfg.allow_anonymous_connect:
+            creds = Credentials(user="")
+        else:
+            raise DisconnectError(codes.INVALID_TOKEN, "token required")
+        if creds.user == "" and not cfg.allow_anonymous_connect:
+            raise DisconnectError(codes.INVALID_TOKEN, "anonymous connections are not allowed")
+        if self._closed:
+            return None
+        self.user, self.exp, self.info, self.meta = creds.user, creds.exp, creds.info, creds.meta
+        self.state = State.CONNECTED
+        if self._stale_timer is not None:
+            self._stale_timer.cancel()
+            self._stale_timer = None
+        self._hub.add_client(self)
+        self._schedule_ping()
+        self._schedule_expiry()
+        result: dict[str, Any] = {"client": self.id, "version": __version__}
+        if cfg.ping_interval > 0:
+            result["ping"] = max(1, round(cfg.ping_interval))
+            result["pong"] = True
+        result.update(self._ttl(self.exp))
+        result["node"] = self._hub.node.uid
+        wanted = p.get("subs")
+        recover = wanted if isinstance(wanted, dict) else {}
+        subs: dict[str, Any] = {}
+        afters: list[Callable[[], None]] = []
+        for channel in creds.channels:
+            opts = self._hub.config.channel_options(channel)
+            if opts is None or channel in self.subs:
+                log.warning("token channel %r skipped (unknown namespace or duplicate)", channel)
+                continue
+            req = recover.get(channel)
+            try:
+                reply, after = await self._subscribe(
+                    channel, opts, req if isinstance(req, dict) else {}, None, 0, server_side=True
+                )
+            except ClientError as exc:
+                log.warning("server-side subscribe %s failed: %s", channel, exc.message)
+                continue
+            subs[channel] = reply
+            afters.append(after)
+        if subs:
+            result["subs"] = subs
+
+        def activate() -> None:
+            for after in afters:
+                after()
+
+        return result, activate
+
+    async def _cmd_refresh(self, p: Mapping[str, Any]) -> Result:
+        token = p.get("token")
+        if not isinstance(token, str) or not token:
+            raise _bad_request("token required")
+        try:
+            creds = self._verifier.connection(token)
+        except TokenError as exc:
+            if exc.expired:
+                raise ClientError(codes.TOKEN_EXPIRED) from None
+            raise DisconnectError(codes.INVALID_TOKEN, exc.reason) from None
+        if creds.user != self.user:
+            raise DisconnectError(codes.INVALID_TOKEN, "refresh token is for another user")
+        self.exp, self.info = creds.exp, creds.info
+        self._schedule_expiry()
+        return {"client": self.id, "version": __version__, **self._ttl(self.exp)}
+
+    def server_refresh(self, expired: bool, expire_at: int) -> None:
+        """Server API ``refresh``: expire now, or move the expiry."""
+        if expired:
+            self.disconnect(codes.CONNECTION_EXPIRED, "expired by server API")
+            return
+        self.exp = expire_at
+        self._schedule_expiry()
+        self.enqueue(encode_push("", "refresh", self._ttl(self.exp)))
+
+    # ------------------------------------------------------------------ timers
+
+    def _stale(self) -> None:
+        self._stale_timer = None
+        if self.state is State.CONNECTING:
+            self.disconnect(codes.STALE, "no connect command in time")
+
+    def _schedule_ping(self) -> None:
+        interval = self._hub.config.client.ping_interval
+        if interval > 0:
+            self._ping_timer = self._loop.call_later(interval, self._ping)
+
+    def _ping(self) -> None:
+        if self._closed:
+            return
+        self.enqueue(PING_FRAME)
+        timeout = self._hub.config.client.pong_timeout
+        if timeout > 0 and self._pong_timer is None:
+            self._pong_timer = self._loop.call_later(timeout, self._no_pong)
+        self._schedule_ping()
+
+    def _no_pong(self) -> None:
+        self._pong_timer = None
+        self.disconnect(codes.NO_PONG, "no pong to the server ping in time")
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        if self.exp:
+            delay = max(0.0, self.exp - time.time()) + self._hub.config.client.expired_close_delay
+            self._expiry_timer = self._loop.call_later(delay, self._check_expiry)
+
+    def _check_expiry(self) -> None:
+        self._expiry_timer = None
+        if self.exp and self.exp <= time.time():
+            self.disconnect(codes.CONNECTION_EXPIRED, "token expired and was not refreshed")
+        else:
+            self._schedule_expiry()
+
+    def _schedule_sub_expiry(self, sub: Subscription) -> None:
+        old = self._sub_timers.pop(sub.channel, None)
+        if old is not None:
+            old.cancel()
+        if sub.exp:
+            delay = max(0.0, sub.exp - time.time()) + self._hub.config.client.expired_close_delay
+            self._sub_timers[sub.channel] = self._loop.call_later(
+                delay, self._check_sub_expiry, sub
+            )
+
+    def _check_sub_expiry(self, sub: Subscription) -> None:
+        self._sub_timers.pop(sub.channel, None)
+        if self.subs.get(sub.channel) is not sub:
+            return
+        if sub.exp <= time.time():
+            self.server_unsubscribe(sub.channel, codes.UNSUBSCRIBE_EXPIRED)
+        else:
+            self._schedule_sub_expiry(sub)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def _cmd_subscribe(self, p: Mapping[str, Any]) -> Result:
+        channel, opts = self._channel(p)
+        if channel in self.subs:
+            raise ClientError(codes.ALREADY_SUBSCRIBED)
+        if len(self.subs) >= self._hub.config.client.max_channels:
+            raise ClientError(codes.LIMIT_EXCEEDED, "too many subscriptions")
+        token = p.get("token") or ""
+        chan_info: bytes | None = None
+        exp = 0
+        if token:
+            if not isinstance(token, str):
+                raise _bad_request("token must be a string")
+            try:
+                creds = self._verifier.channel(token, user=self.user, channel=channel)
+            except TokenError as exc:
+                log.info("channel token rejected client=%s channel=%s: %s", self.id, channel, exc)
+                if exc.expired:
+                    raise ClientError(codes.TOKEN_EXPIRED) from None
+                raise ClientError(codes.PERMISSION_DENIED) from None
+            chan_info, exp = creds.info, creds.exp
+        elif opts.private:
+            raise ClientError(codes.PERMISSION_DENIED, "channel token required")
+        elif not (
+            opts.allow_subscribe_for_anonymous
+            if self.user == ""
+            else opts.allow_subscribe_for_client
+        ):
+            raise ClientError(codes.PERMISSION_DENIED)
+        return await self._subscribe(channel, opts, p, chan_info, exp, server_side=False)
+
+    async def _subscribe(
+        self,
+        channel: str,
+        opts: ChannelOptions,
+        req: Mapping[str, Any],
+        chan_info: bytes | None,
+        exp: int,
+        *,
+        server_side: bool,
+    ) -> tuple[dict[str, Any], Callable[[], None]]:
+        recoverable = opts.recoverable and (
+            server_side
+            or opts.force_recovery
+            or bool(req.get("recoverable"))
+            or bool(req.get("recover"))
+        )
+        info = ClientInfo(self.user, self.id, self.info, chan_info)
+        sub = Subscription(
+            channel, opts, info, recoverable=recoverable, exp=exp, server_side=server_side
+        )
+        self.subs[channel] = sub
+        result: dict[str, Any] = {}
+        position: StreamPosition | None = None
+        try:
+            await self._hub.add_subscription(self, sub)
+            if recoverable:
+                if req.get("recover"):
+                    since = _position(req)
+                    pubs, position, recovered = await self._hub.recover(channel, opts, since)
+                    result["was_recovering"] = True
+                    result["recovered"] = recovered
+                    if pubs:
+                        result["publications"] = [pub_to_dict(pub) for pub in pubs]
+                else:
+                    position = await self._hub.position(channel, opts)
+                result["recoverable"] = True
+            elif req.get("positioned") and (opts.history_enabled or opts.persist):
+                position = await self._hub.position(channel, opts)
+        except BaseException:
+            if self.subs.get(channel) is sub:
+                self._hub.remove_subscription(self, channel)
+            raise
+        if position is not None:
+            result.update(positioned=True, epoch=position.epoch, offset=position.offset)
+        result.update(self._ttl(exp))
+
+        def activate() -> None:
+            if self.subs.get(channel) is not sub or self._closed:
+                return
+            pending, sub.pending = sub.pending or [], None
+            sub.live = True
+            last = position.offset if position is not None else 0
+            for pub in pending:
+                if pub.offset and position is not None and pub.epoch != position.epoch:
+                    self.server_unsubscribe(channel, codes.UNSUBSCRIBE_INSUFFICIENT)
+                    return
+                if not pub.offset or pub.offset > last:
+                    self.enqueue(encode_push(channel, "pub", pub_to_dict(pub)))
+            self._hub.went_live(sub, position)
+            if sub.exp:
+                self._schedule_sub_expiry(sub)
+
+        return result, activate
+
+    async def server_subscribe(self, channel: str) -> None:
+        """Server API ``subscribe``: subscribe this connection and push ``subscribe``."""
+        opts = self._hub.config.channel_options(channel)
+        if opts is None or channel in self.subs or self._closed:
+            return
+        reply, after = await self._subscribe(channel, opts, {}, None, 0, server_side=True)
+        push = {
+            k: v for k, v in reply.items() if k in ("recoverable", "epoch", "offset", "positioned")
+        }
+        self.enqueue(encode_push(channel, "subscribe", push))
+        after()
+
+    def server_unsubscribe(self, channel: str, u: codes.Unsubscribe) -> None:
+        """Remove a subscription and tell the client why (resubscribe if code >= 2500)."""
+        if self._hub.remove_subscription(self, channel) is None:
+            return
+        timer = self._sub_timers.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
+        log.info(
+            "unsubscribe code=%d reason=%s client=%s channel=%s", u.code, u.reason, self.id, channel
+        )
+        self.enqueue(encode_push(channel, "unsubscribe", {"code": u.code, "reason": u.reason}))
+
+    async def _cmd_unsubscribe(self, p: Mapping[str, Any]) -> Result:
+        channel = p.get("channel")
+        if not isinstance(channel, str) or not channel:
+            raise _bad_request("channel required")
+        self._hub.remove_subscription(self, channel)
+        timer = self._sub_timers.pop(channel, None)
+        if timer is not None:
+            timer.cancel()
+        return {}
+
+    async def _cmd_sub_refresh(self, p: Mapping[str, Any]) -> Result:
+        channel, _ = self._channel(p)
+        sub = self.subs.get(channel)
+        if sub is None:
+            raise ClientError(codes.PERMISSION_DENIED, "not subscribed")
+        token = p.get("token")
+        if not isinstance(token, str) or not token:
+            raise _bad_request("token required")
+        try:
+            creds = self._verifier.channel(token, user=self.user, channel=channel)
+        except TokenError as exc:
+            if exc.expired:
+                raise ClientError(codes.TOKEN_EXPIRED) from None
+            raise ClientError(codes.PERMISSION_DENIED) from None
+        sub.exp = creds.exp
+        self._schedule_sub_expiry(sub)
+        return self._ttl(sub.exp)
+
+    # ------------------------------------------------------------------ publish / read
+
+    async def _cmd_publish(self, p: Mapping[str, Any]) -> Result:
+        channel, opts = self._channel(p)
+        if "data" not in p:
+            raise _bad_request("data required")
+        sub = self.subs.get(channel)
+        if self.user == "":
+            allowed = opts.allow_publish_for_anonymous or (
+                sub is not None and opts.allow_publish_for_subscriber
+            )
+        else:
+            allowed = self._allowed(
+                channel, opts.allow_publish_for_subscriber, opts.allow_publish_for_client
+            )
+        if not allowed:
+            raise ClientError(codes.PERMISSION_DENIED)
+        info = sub.info if sub is not None else ClientInfo(self.user, self.id, self.info)
+        await self._hub.publish(channel, orjson.dumps(p["data"]), opts, info=info)
+        return {}
+
+    async def _cmd_presence(self, p: Mapping[str, Any]) -> Result:
+        channel, _ = self._check_read(p, "presence")
+        entries = await self._hub.presence(channel)
+        return {"presence": {cid: info_to_dict(info) for cid, info in entries.items()}}
+
+    async def _cmd_presence_stats(self, p: Mapping[str, Any]) -> Result:
+        channel, _ = self._check_read(p, "presence")
+        num_clients, num_users = await self._hub.presence_stats(channel)
+        return {"num_clients": num_clients, "num_users": num_users}
+
+    async def _cmd_history(self, p: Mapping[str, Any]) -> Result:
+        channel, opts = self._check_read(p, "history")
+        limit = p.get("limit", 0)
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise _bad_request("limit must be an integer")
+        since = p.get("since")
+        if since is not None and not isinstance(since, dict):
+            raise _bad_request("since must be an object")
+        page = await self._hub.history(
+            channel,
+            opts,
+            since=_position(since) if since else None,
+            limit=None if limit < 0 else limit,
+            reverse=bool(p.get("reverse")),
+        )
+        return {
+            "publications": [pub_to_dict(pub) for pub in page.publications],
+            "epoch": page.position.epoch,
+            "offset": page.position.offset,
+        }
+
+    def _check_read(self, p: Mapping[str, Any], what: str) -> tuple[str, ChannelOptions]:
+        channel, opts = self._channel(p)
+        if what == "presence":
+            enabled = opts.presence
+            allowed = self._allowed(
+                channel, opts.allow_presence_for_subscriber, opts.allow_presence_for_client
+            )
+        else:
+            enabled = opts.history_enabled or opts.persist
+            allowed = self._allowed(
+                channel, opts.allow_history_for_subscriber, opts.allow_history_for_client
+            )
+        if not enabled:
+            raise ClientError(codes.NOT_AVAILABLE, f"{what} is not enabled for this channel")
+        if not allowed:
+            raise ClientError(codes.PERMISSION_DENIED)
+        return channel, opts
+
+    # ------------------------------------------------------------------ rpc / send / ping
+
+    async def _cmd_rpc(self, p: Mapping[str, Any]) -> Result:
+        method = p.get("method", "")
+        if not isinstance(method, str):
+            raise _bad_request("method must be a string")
+        handler = self._hub.rpc_handlers.get(method)
+        if handler is None:
+            raise ClientError(codes.METHOD_NOT_FOUND, f"rpc method {method!r} not found")
+        data = orjson.dumps(p.get("data"))
+        out = await handler(self, data)
+        return {"data": orjson.Fragment(out)}
+
+    async def _cmd_send(self, p: Mapping[str, Any]) -> Result:
+        self._hub.on_client_message(self, orjson.dumps(p.get("data")))
+        return None
+
+    async def _cmd_ping(self, p: Mapping[str, Any]) -> Result:
+        return {}
+
+
+def _position(req: Mapping[str, Any]) -> StreamPosition:
+    offset = req.get("offset", 0)
+    epoch = req.get("epoch", "")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise _bad_request("offset must be a non-negative integer")
+    if not isinstance(epoch, str):
+        raise _bad_request("epoch must be a string")
+    return StreamPosition(offset, epoch)

@@ -1,0 +1,342 @@
+"""Configuration: frozen dataclasses, loaded once from YAML then environment.
+
+Precedence (later wins): dataclass defaults, ``config.yaml``, ``SQUALL_*``
+environment variables, command-line flags (applied by ``run.py``). Every value
+is validated at load time; a bad one raises ``ConfigError`` whose message
+starts with the dotted key, e.g. ``client.max_queue_bytes: expected a positive
+integer, got '1MB'``. Unknown keys are errors too, so a typo never silently
+falls back to a default.
+
+Durations are float seconds, sizes are integer bytes. ``0`` disables a limit
+or feature where the field comment says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from server.errors import ConfigError
+
+DEFAULT_CONFIG_PATH: Final = Path(__file__).resolve().parent.parent / "config.yaml"
+NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChannelOptions:
+    """Rules for one namespace (or for channels without a namespace).
+
+    Every permission defaults to off: a namespace allows only what it says.
+    A valid channel token (claim ``channel``) always allows subscribing.
+    """
+
+    allow_subscribe_for_client: bool = False  # authenticated users may subscribe
+    allow_subscribe_for_anonymous: bool = False  # anonymous connections may subscribe
+    private: bool = False  # subscribing needs a channel token, whatever the above say
+    allow_publish_for_subscriber: bool = False  # subscribers of the channel may publish
+    allow_publish_for_client: bool = False  # any authenticated connection may publish
+    allow_publish_for_anonymous: bool = False  # anonymous connections may publish too
+    allow_presence_for_subscriber: bool = False  # subscribers may call presence/presence_stats
+    allow_presence_for_client: bool = False  # any authenticated connection may
+    allow_history_for_subscriber: bool = False  # subscribers may call history
+    allow_history_for_client: bool = False  # any authenticated connection may
+    presence: bool = False  # keep presence (who is subscribed)
+    join_leave: bool = False  # send join/leave pushes to subscribers
+    history_size: int = 0  # publications kept per channel; 0 = no history
+    history_ttl: float = 0.0  # seconds a channel's history lives after its last publish
+    allow_recovery: bool = True  # subscribers may recover missed publications from history
+    force_recovery: bool = False  # every subscription is recoverable, even if not asked
+    persist: bool = False  # also write publications to the durable store (MongoDB)
+    persist_size: int = 0  # durable publications kept per channel; 0 = unlimited
+    persist_ttl: float = 0.0  # seconds durable publications are kept; 0 = forever
+
+    @property
+    def history_enabled(self) -> bool:
+        return self.history_size > 0 and self.history_ttl > 0
+
+    @property
+    def recoverable(self) -> bool:
+        return self.allow_recovery and (self.history_enabled or self.persist)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "127.0.0.1"  # listen address; 0.0.0.0 for all interfaces
+    port: int = 8000
+    name: str = ""  # node name shown in info; empty = host:port
+    shutdown_timeout: float = 30.0  # seconds to drain on SIGTERM/SIGINT before exiting
+    gc_freeze: bool = True  # freeze start-up objects and raise GC thresholds (latency)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TokenConfig:
+    """Which JWTs are accepted. Only the algorithms of configured keys are allowed."""
+
+    hmac_secret: str = ""  # enables HS256
+    rsa_public_key: str = ""  # PEM; enables RS256
+    ecdsa_public_key: str = ""  # PEM; enables ES256
+    audience: str = ""  # when set, tokens must carry this aud
+    issuer: str = ""  # when set, tokens must carry this iss
+    leeway: float = 0.0  # seconds of clock skew tolerated for exp/nbf
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Limits and timings of one WebSocket connection."""
+
+    allowed_origins: tuple[str, ...] = ()  # browser Origins allowed; "*" = any; same-origin always
+    allow_anonymous_connect: bool = False  # connect without token (or with empty sub)
+    connect_timeout: float = 10.0  # seconds to send connect before being closed as stale
+    ping_interval: float = 25.0  # seconds between server pings; 0 disables
+    pong_timeout: float = 8.0  # seconds to answer a ping; 0 = pings but no pong check
+    expired_close_delay: float = 25.0  # grace after token exp before 3005 unless refreshed
+    max_frame_bytes: int = 64 * 1024  # inbound WebSocket message; bigger -> close 1009
+    max_commands_per_frame: int = 100  # commands in one newline-batched frame
+    max_queue_bytes: int = 1024 * 1024  # outbound backlog per connection; over -> 3008 slow
+    max_channels: int = 128  # subscriptions per connection
+    max_channel_length: int = 255  # characters in a channel name
+    command_rate: float = 100.0  # commands per second sustained; 0 = unlimited
+    command_burst: int = 200  # commands allowed in a burst above the rate
+    write_delay: float = 0.0  # seconds to wait to coalesce outgoing frames; 0 = next loop tick
+    compression: bool = False  # offer permessage-deflate (costs ~47 KiB RAM per connection)
+    presence_interval: float = 25.0  # seconds between presence refreshes
+    presence_ttl: float = 60.0  # seconds a presence entry lives without refresh
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ApiConfig:
+    key: str = ""  # X-API-Key / "Authorization: apikey KEY"; empty disables the API
+    max_body_bytes: int = 1024 * 1024  # HTTP API request body
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RedisConfig:
+    url: str = ""  # redis://host:port/db; empty = in-memory broker
+    prefix: str = "squall"  # key prefix, to share one Redis between deployments
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MongoConfig:
+    url: str = ""  # mongodb://...; empty = in-memory store
+    database: str = "squall"
+    driver: str = "pymongo"  # "pymongo" (AsyncMongoClient) or "motor"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    token: TokenConfig = field(default_factory=TokenConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    channel: ChannelOptions = field(default_factory=ChannelOptions)  # channels without ':'
+    namespaces: Mapping[str, ChannelOptions] = field(default_factory=dict)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    mongodb: MongoConfig = field(default_factory=MongoConfig)
+
+    def channel_options(self, channel: str) -> ChannelOptions | None:
+        """Options for a channel, or None if its namespace does not exist."""
+        ns, sep, _ = channel.partition(":")
+        if not sep:
+            return self.channel
+        return self.namespaces.get(ns)
+
+    @property
+    def node_name(self) -> str:
+        return self.server.name or f"{self.server.host}:{self.server.port}"
+
+
+ENV_OVERRIDES: Final[Mapping[str, str]] = {
+    "SQUALL_HOST": "server.host",
+    "SQUALL_PORT": "server.port",
+    "SQUALL_NAME": "server.name",
+    "SQUALL_TOKEN_HMAC_SECRET": "token.hmac_secret",
+    "SQUALL_TOKEN_RSA_PUBLIC_KEY": "token.rsa_public_key",
+    "SQUALL_TOKEN_ECDSA_PUBLIC_KEY": "token.ecdsa_public_key",
+    "SQUALL_API_KEY": "api.key",
+    "SQUALL_REDIS_URL": "redis.url",
+    "SQUALL_MONGODB_URL": "mongodb.url",
+    "SQUALL_MONGODB_DATABASE": "mongodb.database",
+}
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load and validate the configuration.
+
+    Args:
+        path: YAML file; ``None`` means the shipped ``config.yaml``.
+        environ: environment to read ``SQUALL_*`` from (default ``os.environ``).
+        overrides: dotted keys set last, e.g. ``{"server.port": 8001}``.
+
+    Raises:
+        ConfigError: a key is unknown or a value invalid; the message names the key.
+    """
+    raw: dict[str, Any] = {}
+    cfg_path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        text = cfg_path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {cfg_path}: {exc.strerror or exc}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {cfg_path}: invalid YAML: {exc}") from None
+    if loaded is not None:
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {cfg_path}: expected a mapping at the top level")
+        raw = loaded
+    env = os.environ if environ is None else environ
+    for var, key in ENV_OVERRIDES.items():
+        if var in env:
+            _set_dotted(raw, key, env[var], from_text=True)
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value, from_text=False)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build a validated ``Config`` from plain data (as parsed from YAML)."""
+    cfg: Config = _build(Config, raw, "")
+    _check(cfg)
+    return cfg
+
+
+# Values that come from environment variables are strings; mark them so the
+# type checks parse them instead of rejecting them.
+class _Text(str):
+    pass
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, *, from_text: bool) -> None:
+    section, _, name = key.partition(".")
+    sub = raw.setdefault(section, {})
+    if not isinstance(sub, dict):
+        raise ConfigError(f"{section}: expected a mapping")
+    sub[name] = _Text(value) if from_text else value
+
+
+def _build(cls: type[Any], data: Any, path: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or '<root>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{where}: unknown key")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{path}.{name}" if path else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key)
+    if tp is bool:
+        if isinstance(value, _Text) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, _Text) and value.lower() in ("0", "false", "no", "off", ""):
+            return False
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, _Text):
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected an integer, got {str(value)!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, _Text):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {str(value)!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{key}: expected a non-negative number of seconds, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, _Text):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (Mapping, dict) or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        _, vtype = typing.get_args(tp)
+        if value is None:
+            return types.MappingProxyType({})
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        out = {}
+        for name, sub in value.items():
+            if not isinstance(name, str) or not NAMESPACE_RE.match(name):
+                raise ConfigError(f"{key}.{name}: invalid name (letters, digits, _ . -)")
+            out[name] = _coerce(vtype, sub, f"{key}.{name}")
+        return types.MappingProxyType(out)
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _check(cfg: Config) -> None:
+    if not 0 < cfg.server.port < 65536:
+        raise ConfigError(f"server.port: expected 1-65535, got {cfg.server.port}")
+    positive = {
+        "client.max_frame_bytes": cfg.client.max_frame_bytes,
+        "client.max_queue_bytes": cfg.client.max_queue_bytes,
+        "client.max_channels": cfg.client.max_channels,
+        "client.max_channel_length": cfg.client.max_channel_length,
+        "client.max_commands_per_frame": cfg.client.max_commands_per_frame,
+        "client.connect_timeout": cfg.client.connect_timeout,
+        "client.presence_ttl": cfg.client.presence_ttl,
+        "api.max_body_bytes": cfg.api.max_body_bytes,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if cfg.client.command_rate > 0 and cfg.client.command_burst < 1:
+        raise ConfigError("client.command_burst: must be at least 1 when command_rate is set")
+    for origin in cfg.client.allowed_origins:
+        if origin != "*" and not re.match(r"^https?://[^/]+$", origin):
+            raise ConfigError(
+                f"client.allowed_origins: {origin!r} is not '*' or scheme://host[:port]"
+            )
+    if cfg.mongodb.driver not in ("pymongo", "motor"):
+        raise ConfigError(
+            f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.mongodb.driver!r}"
+        )
+    for name, opts in [("channel", cfg.channel)] + [
+        (f"namespaces.{n}", o) for n, o in cfg.namespaces.items()
+    ]:
+        if (opts.history_size > 0) != (opts.history_ttl > 0):
+            raise ConfigError(
+                f"{name}.history_size: history needs both history_size and history_ttl set"
+            )
+        if opts.force_recovery and not opts.recoverable:
+            raise ConfigError(
+                f"{name}.force_recovery: needs history (or persist) and allow_recovery"
+            )
+        if opts.join_leave and not opts.presence:
+            raise ConfigError(f"{name}.join_leave: needs presence: true")

@@ -1,0 +1,64 @@
+"""Pick engines from the config; drivers are imported only when configured."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+from server.broker import Broker, PresenceManager
+from server.config import Config
+from server.store import Store
+
+log = logging.getLogger("squall.engines")
+
+
+@dataclass(frozen=True, slots=True)
+class Engines:
+    broker: Broker
+    presence: PresenceManager
+    store: Store
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def make_engines(config: Config, *, node_id: str) -> Engines:
+    broker: Broker
+    presence: PresenceManager
+    store: Store
+    if config.redis.url:
+        from server.broker_redis import RedisBroker  # optional engine, imported on demand
+
+        redis_broker = RedisBroker(config.redis, node_id=node_id)
+        broker, presence = redis_broker, redis_broker
+        log.info("broker: redis %s", redact(config.redis.url))
+    else:
+        from server.broker_memory import MemoryBroker, MemoryPresenceManager
+
+        broker, presence = MemoryBroker(), MemoryPresenceManager()
+        log.info("broker: memory (single process)")
+    if config.mongodb.url:
+        from server.store_mongo import MongoStore  # optional engine, imported on demand
+
+        store = MongoStore(config.mongodb)
+        log.info(
+            "store: mongodb %s database=%s driver=%s",
+            redact(config.mongodb.url),
+            config.mongodb.database,
+            config.mongodb.driver,
+        )
+    else:
+        from server.store_memory import MemoryStore
+
+        store = MemoryStore()
+        log.info("store: memory (not durable)")
+    return Engines(broker, presence, store)

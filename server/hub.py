@@ -1,0 +1,635 @@
+"""The hub: local subscriptions, fan-out, stream tracking and cluster control.
+
+One hub per process. It implements ``BrokerEvents``: engines call it back with
+plain function calls that only enqueue.
+
+Fan-out
+    A publication is encoded once per broadcast (``encode_push``) and the same
+    bytes object is queued to every local subscriber. Clients never write to
+    their socket directly: ``Client.enqueue`` marks them dirty, and one flush
+    per loop tick (or per ``client.write_delay``) writes each dirty client's
+    queue as one newline-batched frame. A client whose backlog would pass
+    ``client.max_queue_bytes`` is disconnected with 3008 (slow); the
+    publisher never waits for it.
+
+Streams and gaps
+    For channels with history the hub tracks the last offset and epoch it
+    delivered. A duplicate (offset not above the last) is dropped, so nothing
+    is delivered twice. A jump in offset, a changed epoch, or ``on_gap`` from
+    the broker means publications were lost on the way here: every local
+    subscriber of the channel gets an ``unsubscribe`` push with code 2500
+    (insufficient state), and its SDK resubscribes and recovers from history.
+
+Subscribe/recover race
+    A new subscription is registered *pending* before the broker subscription
+    and the history read; publications that arrive meanwhile are buffered and
+    after the subscribe reply only those above the returned position are
+    delivered. Recovery therefore never duplicates or skips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Coroutine
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from server import __version__, codes
+from server.broker import (
+    Broker,
+    ClientInfo,
+    HistoryPage,
+    NodeInfo,
+    PresenceManager,
+    Publication,
+    PublishOptions,
+    StreamPosition,
+)
+from server.config import ChannelOptions, Config
+from server.errors import ClientError, EngineError, StoreFullError
+from server.metrics import Metrics
+from server.protocol import encode_push, pub_to_dict
+from server.protocol.codec import info_to_dict
+from server.store import PersistOptions, Store
+
+if TYPE_CHECKING:
+    from server.client import Client, FrameCache, Subscription
+
+log = logging.getLogger("squall.hub")
+
+MAX_RECOVERY: Final = 10_000  # publications one recovery may return
+RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
+NODE_HEARTBEAT: Final = 5.0  # seconds between node info broadcasts
+NODE_EXPIRY: Final = 20.0  # seconds without heartbeat before a node leaves `info`
+
+RpcHandler = Callable[["Client", bytes], Coroutine[Any, Any, bytes]]
+MessageHandler = Callable[["Client", bytes], None]
+
+
+class ChannelSubs:
+    """Local subscribers of one channel, and the channel's delivered position."""
+
+    __slots__ = ("position", "ready", "subs")
+
+    def __init__(self) -> None:
+        self.subs: dict[Client, Subscription] = {}
+        self.position: StreamPosition | None = None
+        self.ready: asyncio.Future[None] | None = None  # broker subscription established
+
+
+class Hub:
+    """See the module docstring. Owns the engines' lifecycle."""
+
+    def __init__(
+        self,
+        config: Config,
+        broker: Broker,
+        presence: PresenceManager,
+        store: Store,
+        *,
+        node_id: str = "",
+    ) -> None:
+        self.config = config
+        self.broker = broker
+        self.presence_manager = presence
+        self.store = store
+        self.metrics = Metrics()
+        self.node = NodeInfo(
+            uid=node_id or uuid.uuid4().hex, name=config.node_name, version=__version__
+        )
+        self.started_at = time.monotonic()
+        self.clients: dict[str, Client] = {}
+        self.users: dict[str, set[Client]] = {}
+        self.channels: dict[str, ChannelSubs] = {}
+        self.rpc_handlers: dict[str, RpcHandler] = {}
+        self.message_handlers: list[MessageHandler] = []
+        self.closing = False
+        self._dirty: list[Client] = []
+        self._flush_scheduled = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._restored: OrderedDict[str, None] = OrderedDict()
+        self._nodes: dict[str, tuple[NodeInfo, float]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drained = asyncio.Event()
+        self._register_builtin_rpc()
+        self._register_gauges()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.store.start()
+        await self.broker.start(self)
+        interval = self.config.client.presence_interval
+        if interval > 0:
+            self._loops.append(asyncio.create_task(self._presence_forever(interval)))
+        self._loops.append(asyncio.create_task(self._heartbeat_forever()))
+
+    async def close(self) -> None:
+        """Stop background loops, wait for pending engine calls, close engines."""
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._loops.clear()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.broker.close()
+        await self.store.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
+        """Run an engine call in the background; log (never raise) its failure."""
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(lambda t: self._task_done(t, what))
+
+    def _task_done(self, task: asyncio.Task[Any], what: str) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, EngineError):
+            log.warning("background %s failed: %s", what, exc)
+        elif exc is not None:
+            log.error("background %s crashed", what, exc_info=exc)
+
+    # ------------------------------------------------------------------ clients
+
+    def add_client(self, client: Client) -> None:
+        self.clients[client.id] = client
+        self.users.setdefault(client.user, set()).add(client)
+
+    def remove_client(self, client: Client) -> None:
+        """Forget a closed client: its subscriptions, presence and user entry."""
+        self.clients.pop(client.id, None)
+        if self.closing and not self.clients:
+            self._drained.set()
+        conns = self.users.get(client.user)
+        if conns is not None:
+            conns.discard(client)
+            if not conns:
+                del self.users[client.user]
+        for channel in list(client.subs):
+            self.remove_subscription(client, channel)
+
+    def schedule_flush(self, client: Client) -> None:
+        """Called by ``Client.enqueue`` the first time its queue becomes non-empty."""
+        self._dirty.append(client)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            delay = self.config.client.write_delay
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        frames: FrameCache = {}  # one frame per distinct single payload, shared
+        for client in dirty:
+            client.flush(frames)
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def add_subscription(self, client: Client, sub: Subscription) -> None:
+        """Register ``sub`` (pending) and make sure the broker delivers its channel here.
+
+        Raises:
+            ClientError: the broker subscription failed (temporary internal error).
+        """
+        channel = sub.channel
+        chan = self.channels.get(channel)
+        if chan is None:
+            chan = self.channels[channel] = ChannelSubs()
+        chan.subs[client] = sub
+        if chan.ready is None:
+            chan.ready = asyncio.ensure_future(self.broker.subscribe(channel))
+        try:
+            await asyncio.shield(chan.ready)
+        except EngineError as exc:
+            log.warning("broker subscribe %s failed: %s", channel, exc)
+            if chan.ready.done():
+                chan.ready = None  # next subscriber retries
+            self._drop(client, channel)
+            raise ClientError(codes.INTERNAL) from None
+
+    def remove_subscription(self, client: Client, channel: str) -> Subscription | None:
+        """Drop one local subscription; announce leave and drop presence if needed."""
+        sub = client.subs.pop(channel, None)
+        if sub is None:
+            return None
+        self._drop(client, channel)
+        if sub.opts.presence and sub.live:
+            self.spawn(self.presence_manager.remove_presence(channel, client.id), "presence remove")
+            if sub.opts.join_leave:
+                self.spawn(self.broker.publish_leave(channel, sub.info), "leave")
+        return sub
+
+    def _drop(self, client: Client, channel: str) -> None:
+        chan = self.channels.get(channel)
+        if chan is None:
+            return
+        chan.subs.pop(client, None)
+        if not chan.subs:
+            del self.channels[channel]
+            ready = chan.ready
+            if ready is not None and ready.done() and ready.exception() is None:
+                self.spawn(self.broker.unsubscribe(channel), "broker unsubscribe")
+            elif ready is not None:
+                ready.add_done_callback(lambda f: self._late_unsubscribe(f, channel))
+
+    def _late_unsubscribe(self, fut: asyncio.Future[None], channel: str) -> None:
+        if not fut.cancelled() and fut.exception() is None and channel not in self.channels:
+            self.spawn(self.broker.unsubscribe(channel), "broker unsubscribe")
+
+    def went_live(self, sub: Subscription, position: StreamPosition | None) -> None:
+        """A subscription's reply is queued: track the position, then announce it."""
+        chan = self.channels.get(sub.channel)
+        if chan is not None and position is not None and position.offset:
+            cur = chan.position
+            if cur is None or cur.epoch != position.epoch or cur.offset < position.offset:
+                chan.position = position
+        if sub.opts.presence:
+            self.spawn(
+                self.presence_manager.add_presence(
+                    sub.channel, sub.info, self.config.client.presence_ttl
+                ),
+                "presence add",
+            )
+            if sub.opts.join_leave:
+                self.spawn(self.broker.publish_join(sub.channel, sub.info), "join")
+
+    # ------------------------------------------------------------------ BrokerEvents
+
+    def on_publication(self, channel: str, pub: Publication) -> None:
+        chan = self.channels.get(channel)
+        if chan is None:
+            return
+        if pub.offset:
+            last = chan.position
+            if last is not None:
+                if last.epoch == pub.epoch and pub.offset <= last.offset:
+                    return  # already delivered (duplicate from a reconnect); never twice
+                if last.epoch != pub.epoch or pub.offset != last.offset + 1:
+                    log.info(
+                        "stream gap channel=%s last=%s:%d got=%s:%d",
+                        channel,
+                        last.epoch,
+                        last.offset,
+                        pub.epoch,
+                        pub.offset,
+                    )
+                    chan.position = None
+                    self._insufficient(channel, chan)
+                    return
+            chan.position = StreamPosition(pub.offset, pub.epoch)
+        frame = encode_push(channel, "pub", pub_to_dict(pub))
+        n = 0
+        for client, sub in chan.subs.items():
+            if sub.pending is None:
+                client.enqueue(frame)
+                n += 1
+            else:
+                sub.pending.append(pub)
+        self.metrics.deliveries += n
+
+    def on_join(self, channel: str, info: ClientInfo) -> None:
+        self._push_all(channel, encode_push(channel, "join", {"info": info_to_dict(info)}))
+
+    def on_leave(self, channel: str, info: ClientInfo) -> None:
+        self._push_all(channel, encode_push(channel, "leave", {"info": info_to_dict(info)}))
+
+    def on_gap(self, channels: Collection[str]) -> None:
+        for channel in channels:
+            chan = self.channels.get(channel)
+            if chan is not None:
+                chan.position = None
+                self._insufficient(channel, chan)
+
+    def on_control(self, data: bytes) -> None:
+        try:
+            msg = orjson.loads(data)
+            kind = msg["type"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("malformed control message ignored")
+            return
+        if kind == "node":
+            info = NodeInfo(**msg["node"])
+            self._nodes[info.uid] = (info, time.monotonic())
+            return
+        targets = self._control_targets(msg)
+        if kind == "disconnect":
+            d = codes.Disconnect(int(msg.get("code", 3503)), str(msg.get("reason", "")))
+            for client in targets:
+                client.disconnect(d)
+        elif kind == "unsubscribe":
+            for client in targets:
+                client.server_unsubscribe(msg["channel"], codes.UNSUBSCRIBE_SERVER)
+        elif kind == "subscribe":
+            for client in targets:
+                self.spawn(client.server_subscribe(msg["channel"]), "server subscribe")
+        elif kind == "refresh":
+            for client in targets:
+                client.server_refresh(bool(msg.get("expired")), int(msg.get("expire_at", 0)))
+        elif kind == "message":
+            frame = encode_push("", "message", {"data": orjson.Fragment(msg["data"].encode())})
+            for client in targets:
+                client.enqueue(frame)
+        else:
+            log.warning("unknown control message type %r ignored", kind)
+
+    def _control_targets(self, msg: dict[str, Any]) -> list[Client]:
+        user = msg.get("user")
+        if not isinstance(user, str):
+            return []
+        client_id = msg.get("client") or ""
+        conns = self.users.get(user, ())
+        return [c for c in conns if not client_id or c.id == client_id]
+
+    def _push_all(self, channel: str, frame: bytes) -> None:
+        chan = self.channels.get(channel)
+        if chan is None:
+            return
+        for client, sub in chan.subs.items():
+            if sub.pending is None:
+                client.enqueue(frame)
+
+    def _insufficient(self, channel: str, chan: ChannelSubs) -> None:
+        for client in list(chan.subs):
+            client.server_unsubscribe(channel, codes.UNSUBSCRIBE_INSUFFICIENT)
+
+    # ------------------------------------------------------------------ publishing
+
+    def publish_options(self, opts: ChannelOptions, **kw: Any) -> PublishOptions:
+        return PublishOptions(history_size=opts.history_size, history_ttl=opts.history_ttl, **kw)
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        opts: ChannelOptions,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+        idempotency_key: str = "",
+    ) -> StreamPosition:
+        """Publish through the broker (and the store for persistent namespaces).
+
+        Raises:
+            ClientError: the engines refused (unavailable, store full).
+        """
+        if opts.persist:
+            status = self.store.status()
+            if status.queue_limit and status.queue_depth >= status.queue_limit:
+                raise ClientError(codes.STORE_UNAVAILABLE, "durable store queue is full")
+            await self._restore(channel)
+        popts = self.publish_options(opts, info=info, tags=tags, idempotency_key=idempotency_key)
+        try:
+            position = await self.broker.publish(channel, data, popts)
+        except EngineError as exc:
+            log.warning("publish to %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+        self.metrics.publications += 1
+        if opts.persist and position.offset:
+            pub = Publication(
+                position.offset, position.epoch, data, info, int(time.time() * 1000), tags
+            )
+            try:
+                await self.store.append(
+                    channel, pub, PersistOptions(size=opts.persist_size, ttl=opts.persist_ttl)
+                )
+            except StoreFullError:
+                raise ClientError(codes.STORE_UNAVAILABLE, "durable store queue is full") from None
+            except EngineError as exc:
+                log.warning("store append to %s failed: %s", channel, exc)
+                raise ClientError(codes.STORE_UNAVAILABLE) from None
+        return position
+
+    async def _restore(self, channel: str) -> None:
+        """Continue a persistent channel's offsets from the store (once per process)."""
+        if channel in self._restored:
+            self._restored.move_to_end(channel)
+            return
+        try:
+            latest = await self.store.latest(channel)
+            if latest is not None:
+                await self.broker.restore_position(channel, latest)
+        except EngineError as exc:
+            log.warning("restoring position of %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+        self._restored[channel] = None
+        while len(self._restored) > RESTORED_CACHE:
+            self._restored.popitem(last=False)
+
+    # ------------------------------------------------------------------ history
+
+    async def history(
+        self,
+        channel: str,
+        opts: ChannelOptions,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> HistoryPage:
+        """History of a channel; persistent namespaces read beyond the broker's window."""
+        try:
+            if opts.persist:
+                await self._restore(channel)
+            page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
+            if not opts.persist or limit == 0:
+                return page
+            if since is not None and since.epoch != page.position.epoch:
+                return page
+            pubs = await self.store.read_since(
+                channel,
+                since=since or StreamPosition(0, page.position.epoch),
+                limit=limit,
+                reverse=reverse,
+            )
+            return HistoryPage(pubs, page.position)
+        except EngineError as exc:
+            log.warning("history of %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+
+    async def recover(
+        self, channel: str, opts: ChannelOptions, since: StreamPosition
+    ) -> tuple[list[Publication], StreamPosition, bool]:
+        """Publications after ``since``; ``recovered`` only when none is missing."""
+        page = await self.history(channel, opts, since=since, limit=None)
+        pos = page.position
+        pubs = page.publications
+        if since.epoch != pos.epoch:
+            return [], pos, False
+        if since.offset == pos.offset:
+            return [], pos, True
+        if (
+            since.offset < pos.offset
+            and len(pubs) <= MAX_RECOVERY
+            and pubs
+            and pubs[0].offset == since.offset + 1
+            and pubs[-1].offset == pos.offset
+        ):
+            return pubs, pos, True
+        return [], pos, False
+
+    async def position(self, channel: str, opts: ChannelOptions) -> StreamPosition:
+        page = await self.history(channel, opts, limit=0)
+        return page.position
+
+    # ------------------------------------------------------------------ presence
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        try:
+            return await self.presence_manager.presence(channel)
+        except EngineError as exc:
+            log.warning("presence of %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+
+    async def presence_stats(self, channel: str) -> tuple[int, int]:
+        try:
+            return await self.presence_manager.presence_stats(channel)
+        except EngineError as exc:
+            log.warning("presence stats of %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+
+    async def _presence_forever(self, interval: float) -> None:
+        ttl = self.config.client.presence_ttl
+        while True:
+            await asyncio.sleep(interval)
+            for chan_name, chan in list(self.channels.items()):
+                for sub in list(chan.subs.values()):
+                    if sub.opts.presence and sub.live:
+                        try:
+                            await self.presence_manager.add_presence(chan_name, sub.info, ttl)
+                        except EngineError as exc:
+                            log.warning("presence refresh failed: %s", exc)
+                            break
+
+    # ------------------------------------------------------------------ control
+
+    async def control(self, kind: str, **fields: Any) -> None:
+        """Send a control message to every node (this one included)."""
+        try:
+            await self.broker.publish_control(orjson.dumps({"type": kind, **fields}))
+        except EngineError as exc:
+            log.warning("control %s failed: %s", kind, exc)
+            raise ClientError(codes.INTERNAL) from None
+
+    def node_info(self) -> NodeInfo:
+        node = self.node
+        node.num_clients = len(self.clients)
+        node.num_users = len(self.users)
+        node.num_channels = len(self.channels)
+        node.num_subs = sum(len(c.subs) for c in self.channels.values())
+        node.uptime = int(time.monotonic() - self.started_at)
+        status = self.store.status()
+        node.extra = {
+            "store": {
+                "ready": status.ready,
+                "queue_depth": status.queue_depth,
+                "queue_limit": status.queue_limit,
+                "last_write_latency": status.last_write_latency,
+            },
+            "pid": os.getpid(),
+        }
+        return node
+
+    def nodes(self) -> list[NodeInfo]:
+        """Live nodes of the cluster (this one always first)."""
+        now = time.monotonic()
+        me = self.node_info()
+        others = [
+            info
+            for uid, (info, seen) in self._nodes.items()
+            if uid != me.uid and seen + NODE_EXPIRY > now
+        ]
+        return [me, *others]
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            node = self.node_info()
+            payload = {
+                "uid": node.uid,
+                "name": node.name,
+                "version": node.version,
+                "num_clients": node.num_clients,
+                "num_users": node.num_users,
+                "num_subs": node.num_subs,
+                "num_channels": node.num_channels,
+                "uptime": node.uptime,
+                "extra": node.extra,
+            }
+            try:
+                await self.control("node", node=payload)
+            except ClientError:
+                pass  # the broker logged it; the next beat retries
+            now = time.monotonic()
+            for uid in [u for u, (_, seen) in self._nodes.items() if seen + NODE_EXPIRY <= now]:
+                del self._nodes[uid]
+            await asyncio.sleep(NODE_HEARTBEAT)
+
+    # ------------------------------------------------------------------ rpc / send
+
+    def _register_builtin_rpc(self) -> None:
+        async def echo(client: Client, data: bytes) -> bytes:
+            return data
+
+        async def whoami(client: Client, data: bytes) -> bytes:
+            return orjson.dumps({"user": client.user, "client": client.id})
+
+        self.rpc_handlers["echo"] = echo
+        self.rpc_handlers["whoami"] = whoami
+
+    def on_client_message(self, client: Client, data: bytes) -> None:
+        for handler in self.message_handlers:
+            try:
+                handler(client, data)
+            except Exception:
+                log.exception("message handler failed")
+
+    # ------------------------------------------------------------------ metrics
+
+    def _register_gauges(self) -> None:
+        m = self.metrics
+        m.gauge("squall_connections", "Connected clients.", lambda: len(self.clients))
+        m.gauge("squall_users", "Distinct connected users.", lambda: len(self.users))
+        m.gauge("squall_channels", "Channels with local subscribers.", lambda: len(self.channels))
+        m.gauge(
+            "squall_subscriptions",
+            "Local subscriptions.",
+            lambda: sum(len(c.subs) for c in self.channels.values()),
+        )
+        m.gauge(
+            "squall_store_queue_depth",
+            "Publications accepted but not yet durable.",
+            lambda: self.store.status().queue_depth,
+        )
+
+    # ------------------------------------------------------------------ shutdown
+
+    def disconnect_all(self, d: codes.Disconnect) -> None:
+        for client in list(self.clients.values()):
+            client.disconnect(d)
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until every client has gone after shutdown began."""
+        if not self.clients:
+            return True
+        try:
+            await asyncio.wait_for(self._drained.wait(), max(0.0, timeout))
+        except TimeoutError:
+            return False
+        return True

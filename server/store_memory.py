@@ -1,0 +1,79 @@
+"""In-memory ``Store``: the default when ``mongodb.url`` is not set.
+
+It keeps the same contract as ``MongoStore`` (idempotent by position,
+retention by size and age) but lives only as long as the process, so it
+gives persistent namespaces deep history without surviving restarts.
+"""
+
+from __future__ import annotations
+
+import time
+
+from server.broker import Publication, StreamPosition
+from server.store import PersistOptions, Store, StoreStatus
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        # channel -> {(epoch, offset): (accepted_at, publication)} in arrival order
+        self._channels: dict[str, dict[tuple[str, int], tuple[float, Publication]]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def append(self, channel: str, pub: Publication, opts: PersistOptions) -> None:
+        items = self._channels.setdefault(channel, {})
+        key = (pub.epoch, pub.offset)
+        if key in items:
+            return  # idempotent retry
+        now = time.monotonic()
+        items[key] = (now, pub)
+        if opts.ttl > 0:
+            while items:
+                first = next(iter(items))
+                if items[first][0] + opts.ttl > now:
+                    break
+                del items[first]
+        while opts.size > 0 and len(items) > opts.size:
+            del items[next(iter(items))]
+
+    async def read_since(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> list[Publication]:
+        latest = await self.latest(channel)
+        if latest is None:
+            return []
+        epoch = since.epoch if since is not None else latest.epoch
+        after = since.offset if since is not None else 0
+        items = self._channels[channel].values()
+        pubs = sorted(
+            (p for _, p in items if p.epoch == epoch and p.offset > after),
+            key=lambda p: p.offset,
+            reverse=reverse,
+        )
+        return pubs if limit is None else pubs[:limit]
+
+    async def latest(self, channel: str) -> StreamPosition | None:
+        items = self._channels.get(channel)
+        if not items:
+            return None
+        _, last = items[next(reversed(items))]
+        return StreamPosition(last.offset, last.epoch)
+
+    async def remove(self, channel: str) -> None:
+        self._channels.pop(channel, None)
+
+    def status(self) -> StoreStatus:
+        return StoreStatus(ready=True)
+
+
+def _conforms(s: MemoryStore) -> Store:
+    return s

@@ -1,0 +1,69 @@
+"""Shared fixtures: real services, the log guard, and unique names per test.
+
+pytest-tornasync runs ``async def`` tests on the per-test ``io_loop`` but
+cannot run async fixtures, so async set-up happens in sync fixtures through
+``io_loop.run_sync``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import logs, services
+
+pytest_plugins = ["tests.helpers.server"]
+
+
+@pytest.fixture(autouse=True)
+def _log_guard() -> Iterator[logs.RecordingHandler]:
+    """Fail a test that logs ERROR without declaring it with ``expect_log``."""
+    handler = logs.install()
+    yield handler
+    logs.uninstall()
+    errors = handler.unexpected_errors()
+    if errors:
+        pytest.fail("unexpected error logs:\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def unique_prefix() -> str:
+    """A key prefix / database name no other test uses."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """URL of a real Redis: ``SQUALL_REDIS_URL``, or a private redis-server we start."""
+    url = os.environ.get("SQUALL_REDIS_URL")
+    if url:
+        yield url
+        return
+    try:
+        svc = services.start_redis()
+    except RuntimeError as exc:
+        services.unavailable(str(exc))
+    try:
+        yield f"redis://127.0.0.1:{svc.port}/0"
+    finally:
+        svc.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_url() -> Iterator[str]:
+    """URL of a real MongoDB wire-protocol server: ``SQUALL_MONGODB_URL``, or FerretDB we start."""
+    url = os.environ.get("SQUALL_MONGODB_URL")
+    if url:
+        yield url
+        return
+    try:
+        svc = services.start_ferretdb()
+    except RuntimeError as exc:
+        services.unavailable(str(exc))
+    try:
+        yield f"mongodb://127.0.0.1:{svc.port}/"
+    finally:
+        svc.stop()
