@@ -141,7 +141,10 @@ async def serve(config: Config) -> None:
     hub.closing = True
     server.stop()
     hub.disconnect_all(codes.SHUTDOWN)
-    await hub.wait_drained(deadline - time.monotonic())
+    try:
+        await asyncio.wait_for(hub.wait_drained(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        log.warning("%d clients still connected at the shutdown deadline", len(hub.clients))
     try:
         await asyncio.wait_for(
             server.close_all_connections(), max(0.1, deadline - time.monotonic())

@@ -74,7 +74,16 @@ class WebSocketTransport:
             raise TransportError("closed") from None
 
     def close(self, code: int, reason: str) -> None:
-        self._handler.close(code, reason)
+        stream = self._stream
+        if stream is not None:
+            # The close frame must get out even when the buffer limit is what
+            # ended the connection (3008 slow).
+            stream.max_write_buffer_size = None
+        try:
+            self._handler.close(code, reason)
+        except (tornado.iostream.StreamClosedError, tornado.iostream.StreamBufferFullError):
+            if stream is not None:
+                stream.close()
 
 
 class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):

@@ -575,6 +575,9 @@ class Client:
                 result["recoverable"] = True
             elif req.get("positioned") and (opts.history_enabled or opts.persist):
                 position = await self._hub.position(channel, opts)
+            if opts.presence:
+                # Before the reply, so a presence call right after sees this client.
+                await self._hub.add_presence(sub)
         except BaseException:
             if self.subs.get(channel) is sub:
                 self._hub.remove_subscription(self, channel)

@@ -231,9 +231,9 @@ class Hub:
         if sub is None:
             return None
         self._drop(client, channel)
-        if sub.opts.presence and sub.live:
+        if sub.opts.presence:
             self.spawn(self.presence_manager.remove_presence(channel, client.id), "presence remove")
-            if sub.opts.join_leave:
+            if sub.opts.join_leave and sub.live:
                 self.spawn(self.broker.publish_leave(channel, sub.info), "leave")
         return sub
 
@@ -261,15 +261,8 @@ class Hub:
             cur = chan.position
             if cur is None or cur.epoch != position.epoch or cur.offset < position.offset:
                 chan.position = position
-        if sub.opts.presence:
-            self.spawn(
-                self.presence_manager.add_presence(
-                    sub.channel, sub.info, self.config.client.presence_ttl
-                ),
-                "presence add",
-            )
-            if sub.opts.join_leave:
-                self.spawn(self.broker.publish_join(sub.channel, sub.info), "join")
+        if sub.opts.presence and sub.opts.join_leave:
+            self.spawn(self.broker.publish_join(sub.channel, sub.info), "join")
 
     # ------------------------------------------------------------------ BrokerEvents
 
@@ -505,6 +498,15 @@ class Hub:
             log.warning("presence stats of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
 
+    async def add_presence(self, sub: Subscription) -> None:
+        """Add one subscription's presence entry; failures are logged, not raised."""
+        try:
+            await self.presence_manager.add_presence(
+                sub.channel, sub.info, self.config.client.presence_ttl
+            )
+        except EngineError as exc:
+            log.warning("presence add for %s failed: %s", sub.channel, exc)
+
     async def _presence_forever(self, interval: float) -> None:
         ttl = self.config.client.presence_ttl
         while True:
@@ -624,12 +626,7 @@ class Hub:
         for client in list(self.clients.values()):
             client.disconnect(d)
 
-    async def wait_drained(self, timeout: float) -> bool:
-        """Wait (at most ``timeout`` seconds) until every client has gone after shutdown began."""
-        if not self.clients:
-            return True
-        try:
-            await asyncio.wait_for(self._drained.wait(), max(0.0, timeout))
-        except TimeoutError:
-            return False
-        return True
+    async def wait_drained(self) -> None:
+        """Wait until every client has gone after shutdown began (callers bound the wait)."""
+        if self.clients:
+            await self._drained.wait()
