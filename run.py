@@ -3,6 +3,7 @@
 
     python run.py [--config PATH] [--host H] [--port N] [--log-level LEVEL]
     python run.py token --sub USER [--ttl SECONDS] [--channel CH] [--info JSON] [--channels A,B]
+                        [--device] [--devices 'GLOB[,GLOB]']
 
 Exit codes: 0 after a clean shutdown, 2 for invalid configuration or arguments.
 """
@@ -28,6 +29,7 @@ log = logging.getLogger("squall")
 
 DEV_SECRET = "squall-development-secret-change-me-please"  # noqa: S105 - detected and warned about
 DEV_API_KEY = "squall-development-api-key-change-me"
+LISTEN_BACKLOG = 4096
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tok.add_argument("--channel", help="make a channel token for this channel")
     tok.add_argument("--info", help="JSON for the info claim")
     tok.add_argument("--channels", help="comma-separated server-side subscriptions (claim)")
+    tok.add_argument(
+        "--device", action="store_true", help='a telemetry device token (claim "device": true)'
+    )
+    tok.add_argument("--devices", help="comma-separated device-id globs a dashboard may read")
     return parser.parse_args(argv)
 
 
@@ -86,6 +92,10 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
             return 2
     if args.channels:
         extra["channels"] = [c for c in args.channels.split(",") if c]
+    if args.device:
+        extra["device"] = True
+    if args.devices:
+        extra["devices"] = [g.strip() for g in args.devices.split(",") if g.strip()]
     print(
         make_token(
             config.token.hmac_secret, args.sub, ttl=args.ttl, channel=args.channel, extra=extra
@@ -112,7 +122,9 @@ async def serve(config: Config) -> None:
         log.warning("api.key is empty: the server API refuses every request")
     await hub.start()
     server = HTTPServer(app, max_body_size=config.api.max_body_bytes, xheaders=True)
-    server.listen(config.server.port, address=config.server.host)
+    # A deep accept backlog: reconnect storms (every client of a stopped node at
+    # once) must not overflow it. The kernel caps it at net.core.somaxconn.
+    server.listen(config.server.port, address=config.server.host, backlog=LISTEN_BACKLOG)
     log.info(
         "listening on http://%s:%d (websocket /connection/websocket, api /api/<method>) node=%s",
         config.server.host,
