@@ -3,8 +3,9 @@
 Used when ``redis.url`` is not set. Publishing assigns the offset, appends to
 history and delivers to this node in one synchronous step, so ordering and
 atomicity hold trivially. Memory is bounded per channel by ``history_size``;
-streams whose history and position have not been touched for
-``meta_ttl`` seconds are dropped by a periodic sweep.
+streams whose history has expired and whose position has not been touched
+for ``meta_ttl`` seconds are dropped by a periodic sweep. Reading history
+creates a stream (and fixes its epoch), as in every engine.
 """
 
 from __future__ import annotations
@@ -62,13 +63,15 @@ class MemoryBroker:
         self._sweeper = asyncio.create_task(self._sweep_forever())
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
             try:
-                await self._sweeper
+                await sweeper
             except asyncio.CancelledError:
-                pass
-            self._sweeper = None
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # close() itself was cancelled
 
     async def subscribe(self, channel: str) -> None:
         self._subscribed.add(channel)
@@ -180,7 +183,7 @@ class MemoryBroker:
             stream = self._streams[channel]
             if stream.items and stream.expires_at <= now:
                 stream.items.clear()
-            if stream.touched_at + self._meta_ttl <= now:
+            if stream.touched_at + self._meta_ttl <= now and stream.expires_at <= now:
                 del self._streams[channel]
         while self._idempotency:
             key, (_, expires) = next(iter(self._idempotency.items()))

@@ -50,7 +50,8 @@ class ChannelOptions:
     allow_history_for_subscriber: bool = False  # subscribers may call history
     allow_history_for_client: bool = False  # any authenticated connection may
     presence: bool = False  # keep presence (who is subscribed)
-    join_leave: bool = False  # send join/leave pushes to subscribers
+    join_leave: bool = False  # announce joins/leaves to subscribers that ask for them
+    force_push_join_leave: bool = False  # send join/leave pushes to every subscriber
     history_size: int = 0  # publications kept per channel; 0 = no history
     history_ttl: float = 0.0  # seconds a channel's history lives after its last publish
     allow_recovery: bool = True  # subscribers may recover missed publications from history
@@ -58,6 +59,9 @@ class ChannelOptions:
     persist: bool = False  # also write publications to the durable store (MongoDB)
     persist_size: int = 0  # durable publications kept per channel; 0 = unlimited
     persist_ttl: float = 0.0  # seconds durable publications are kept; 0 = forever
+    publish_own_channel_only: bool = False  # publish only where the name after "ns:" is own user
+    subscribe_claim: str = ""  # token claim of globs; a match on the channel's name may subscribe
+    telemetry: bool = False  # publications are validated telemetry, stored as buckets (devices)
 
     @property
     def history_enabled(self) -> bool:
@@ -75,6 +79,8 @@ class ServerConfig:
     name: str = ""  # node name shown in info; empty = host:port
     shutdown_timeout: float = 30.0  # seconds to drain on SIGTERM/SIGINT before exiting
     gc_freeze: bool = True  # freeze start-up objects and raise GC thresholds (latency)
+    node_heartbeat_interval: float = 5.0  # seconds between this node's info broadcasts (`info`)
+    node_expiry: float = 20.0  # seconds without a heartbeat before a node leaves `info`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -122,6 +128,14 @@ class ApiConfig:
 class RedisConfig:
     url: str = ""  # redis://host:port/db; empty = in-memory broker
     prefix: str = "squall"  # key prefix, to share one Redis between deployments
+    socket_timeout: float = 1.0  # seconds to connect or await one reply; ops fail within 2x this
+    max_connections: int = 64  # pooled command connections per node; more callers wait their turn
+    ping_timeout: float = 1.0  # seconds ping() waits for its probe to come back via pub/sub
+    history_meta_ttl: float = 30 * 24 * 3600.0  # seconds epoch+offset outlive the last publish
+    idempotency_ttl: float = 300.0  # seconds a publish idempotency key lives without history
+    reconnect_delay: float = 0.05  # seconds before the first pub/sub reconnect; doubles per try
+    reconnect_max_delay: float = 5.0  # seconds; cap of the jittered reconnect backoff
+    pubsub_ping_interval: float = 10.0  # seconds of pub/sub silence before a liveness PING; 0 = off
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +143,44 @@ class MongoConfig:
     url: str = ""  # mongodb://...; empty = in-memory store
     database: str = "squall"
     driver: str = "pymongo"  # "pymongo" (AsyncMongoClient) or "motor"
+    collection: str = "publications"  # collection holding persisted publications
+    timeout: float = 5.0  # seconds for server selection, connecting and each operation
+    queue_size: int = 100_000  # publications accepted but not yet written; full -> StoreFullError
+    batch_size: int = 500  # publications per insert_many
+    flush_interval: float = 0.05  # seconds a partial batch waits for more before being written
+    max_document_bytes: int = 16 * 1024 * 1024  # BSON size of one publication; over -> rejected
+    retry_delay: float = 0.1  # seconds before the first retry of a failed write; doubles per try
+    retry_max_delay: float = 5.0  # seconds; cap of the jittered write retry backoff
+    ping_interval: float = 5.0  # seconds between health pings while nothing is queued; 0 = off
+    retention_interval: float = 1.0  # seconds between background retention (size/ttl) passes
+    retention_batch: int = 1000  # per pass: channels trimmed to size, expired documents deleted
+    shutdown_flush_timeout: float = 5.0  # seconds close() spends writing what is still queued
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TelemetryConfig:
+    """Device telemetry (namespaces with ``telemetry: true``); see README "Telemetry".
+
+    Storage is the telemetry store: MongoDB (``mongodb.url``/``database``/``driver``/
+    ``timeout``) when configured, else memory. Rate limits are per device and per node.
+    """
+
+    namespace: str = "telemetry"  # where POST /api/telemetry publishes and dashboards read
+    max_skew: float = 300.0  # seconds a point's ts may differ from server time (past or future)
+    max_points_per_second: float = 100.0  # per device, sustained; over -> frame refused; 0 = off
+    max_points_burst: int = 0  # points a device may send at once; 0 = max_points_per_frame
+    max_points_per_frame: int = 1000  # points in one publish or POST
+    max_metrics_per_point: int = 64  # metrics in one point's values
+    bucket_seconds: float = 60.0  # time span of one storage bucket (one document per device)
+    retention_days: float = 30.0  # older buckets and silent devices are deleted; 0 = keep all
+    retention_interval: float = 60.0  # seconds between retention passes
+    online_timeout: float = 30.0  # seconds since last_seen within which a device is "online"
+    max_query_steps: int = 2000  # steps one telemetry query may return; more -> 400
+    collection: str = "telemetry_buckets"  # MongoDB collection of buckets
+    devices_collection: str = "devices"  # MongoDB collection of devices (last seen/values)
+    queue_size: int = 100_000  # points accepted but not yet written; full -> error 1001 / 503
+    batch_size: int = 2000  # points per bulk write (grouped into one update per bucket)
+    flush_interval: float = 0.2  # seconds a partial batch waits for more before being written
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,6 +193,7 @@ class Config:
     namespaces: Mapping[str, ChannelOptions] = field(default_factory=dict)
     redis: RedisConfig = field(default_factory=RedisConfig)
     mongodb: MongoConfig = field(default_factory=MongoConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def channel_options(self, channel: str) -> ChannelOptions | None:
         """Options for a channel, or None if its namespace does not exist."""
@@ -148,6 +201,12 @@ class Config:
         if not sep:
             return self.channel
         return self.namespaces.get(ns)
+
+    @staticmethod
+    def channel_name(channel: str) -> str:
+        """The part after ``ns:`` (the whole channel when it has no namespace)."""
+        ns, sep, name = channel.partition(":")
+        return name if sep else ns
 
     @property
     def node_name(self) -> str:
@@ -222,6 +281,8 @@ class _Text(str):
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, *, from_text: bool) -> None:
     section, _, name = key.partition(".")
     sub = raw.setdefault(section, {})
+    if sub is None:  # an empty YAML section ("server:") means defaults, like a missing one
+        sub = raw[section] = {}
     if not isinstance(sub, dict):
         raise ConfigError(f"{section}: expected a mapping")
     sub[name] = _Text(value) if from_text else value
@@ -311,11 +372,18 @@ def _check(cfg: Config) -> None:
         "client.max_commands_per_frame": cfg.client.max_commands_per_frame,
         "client.connect_timeout": cfg.client.connect_timeout,
         "client.presence_ttl": cfg.client.presence_ttl,
+        "server.node_heartbeat_interval": cfg.server.node_heartbeat_interval,
+        "server.node_expiry": cfg.server.node_expiry,
         "api.max_body_bytes": cfg.api.max_body_bytes,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if cfg.server.node_expiry <= cfg.server.node_heartbeat_interval:
+        raise ConfigError(
+            f"server.node_expiry: must be longer than server.node_heartbeat_interval "
+            f"({cfg.server.node_heartbeat_interval}), got {cfg.server.node_expiry}"
+        )
     if cfg.client.command_rate > 0 and cfg.client.command_burst < 1:
         raise ConfigError("client.command_burst: must be at least 1 when command_rate is set")
     for origin in cfg.client.allowed_origins:
@@ -323,6 +391,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(
                 f"client.allowed_origins: {origin!r} is not '*' or scheme://host[:port]"
             )
+    _check_public_key("token.rsa_public_key", cfg.token.rsa_public_key, "RS256")
+    _check_public_key("token.ecdsa_public_key", cfg.token.ecdsa_public_key, "ES256")
     if cfg.mongodb.driver not in ("pymongo", "motor"):
         raise ConfigError(
             f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.mongodb.driver!r}"
@@ -340,3 +410,51 @@ def _check(cfg: Config) -> None:
             )
         if opts.join_leave and not opts.presence:
             raise ConfigError(f"{name}.join_leave: needs presence: true")
+        if opts.force_push_join_leave and not opts.join_leave:
+            raise ConfigError(f"{name}.force_push_join_leave: needs join_leave: true")
+        if opts.telemetry and opts.persist:
+            raise ConfigError(f"{name}.telemetry: telemetry is stored as buckets; drop persist")
+        if opts.persist and not opts.history_enabled:
+            # offsets come from the broker's history stream; without one nothing is stored
+            raise ConfigError(f"{name}.persist: needs history_size and history_ttl set")
+    _check_telemetry(cfg.telemetry)
+    tele_ns = cfg.namespaces.get(cfg.telemetry.namespace)
+    if tele_ns is not None and not tele_ns.telemetry:
+        raise ConfigError(
+            f"telemetry.namespace: namespace {cfg.telemetry.namespace!r} needs telemetry: true"
+        )
+
+
+def _check_public_key(key: str, pem: str, alg: str) -> None:
+    """Parse a configured PEM now, so a bad key stops start-up instead of every connect."""
+    if not pem:
+        return
+    import jwt  # only needed when an asymmetric key is configured
+
+    try:
+        jwt.get_algorithm_by_name(alg).prepare_key(pem)
+    except (jwt.InvalidKeyError, ValueError, TypeError):
+        raise ConfigError(f"{key}: not a usable {alg} public key in PEM format") from None
+
+
+def _check_telemetry(t: TelemetryConfig) -> None:
+    positive: dict[str, float] = {
+        "telemetry.max_points_per_frame": t.max_points_per_frame,
+        "telemetry.max_metrics_per_point": t.max_metrics_per_point,
+        "telemetry.bucket_seconds": t.bucket_seconds,
+        "telemetry.retention_interval": t.retention_interval,
+        "telemetry.online_timeout": t.online_timeout,
+        "telemetry.max_query_steps": t.max_query_steps,
+        "telemetry.queue_size": t.queue_size,
+        "telemetry.batch_size": t.batch_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):
+        raise ConfigError(
+            f"telemetry.bucket_seconds: must be whole milliseconds, got {t.bucket_seconds}"
+        )
+    for key, name in (("collection", t.collection), ("devices_collection", t.devices_collection)):
+        if not name:
+            raise ConfigError(f"telemetry.{key}: must not be empty")
