@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 
 from server import codes
 from server.broker import StreamPosition
@@ -97,8 +98,15 @@ class Api:
     async def subscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
         user = _str(p, "user", required=False)
         channel, _ = self._channel(p)
+        # data: sent in the client's subscribe push; info: the subscription's channel
+        # info (presence, join/leave, its publications). Both as raw JSON text.
+        extra = {k: orjson.dumps(p[k]).decode() for k in ("data", "info") if p.get(k) is not None}
         await self.hub.control(
-            "subscribe", user=user, channel=channel, client=_str(p, "client", required=False)
+            "subscribe",
+            user=user,
+            channel=channel,
+            client=_str(p, "client", required=False),
+            **extra,
         )
         return {}
 
@@ -119,12 +127,16 @@ class Api:
         reason = d.get("reason") or codes.FORCE_DISCONNECT.reason
         if not isinstance(code, int) or not 3000 <= code < 5000 or not isinstance(reason, str):
             raise ClientError(codes.BAD_REQUEST, "disconnect code must be in 3000-4999")
+        whitelist = p.get("whitelist") or []
+        if not isinstance(whitelist, list) or not all(isinstance(c, str) for c in whitelist):
+            raise ClientError(codes.BAD_REQUEST, "whitelist must be a list of client ids")
         await self.hub.control(
             "disconnect",
             user=user,
             client=_str(p, "client", required=False),
             code=code,
             reason=reason[:120],
+            whitelist=whitelist,  # client ids to keep connected
         )
         return {}
 
@@ -192,6 +204,8 @@ class Api:
             limit=None if limit < 0 else limit,
             reverse=bool(p.get("reverse")),
         )
+        if since is not None and since.epoch and since.epoch != page.position.epoch:
+            raise ClientError(codes.UNRECOVERABLE_POSITION)  # never an empty page for a gap
         return {
             "publications": [pub_to_dict(pub) for pub in page.publications],
             "offset": page.position.offset,
@@ -271,12 +285,23 @@ METHODS: dict[str, ApiMethod] = {
     )
 }
 MAX_BATCH = 1000
+MAX_DISCARD_BYTES = 64 * 1024 * 1024  # oversize bodies up to this are read and dropped (413)
 
 
+@tornado.web.stream_request_body
 class ApiHandler(tornado.web.RequestHandler):
+    """The body is streamed so that the key and the size are checked from the headers.
+
+    An unauthorized request is answered (401) without reading its body. An
+    oversize one is read and dropped (up to ``MAX_DISCARD_BYTES``) before the
+    413, because a client still sending its body would otherwise see a reset.
+    """
+
     def initialize(self, hub: Hub) -> None:
         self.hub = hub
         self.api = Api(hub)
+        self._body = bytearray()
+        self._too_large = False
 
     def check_xsrf_cookie(self) -> None:
         return None
@@ -298,20 +323,46 @@ class ApiHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         await self.finish(orjson.dumps(body))
 
-    async def post(self, method: str) -> None:
+    async def prepare(self) -> None:
         if not self._authorized():
             log.info(
                 "api request refused: bad or missing API key remote=%s", self.request.remote_ip
             )
             await self._reply(401, {"error": codes.UNAUTHORIZED.to_dict()})
             return
-        if len(self.request.body) > self.hub.config.api.max_body_bytes:
-            await self._reply(
-                413, {"error": codes.LIMIT_EXCEEDED.to_dict("request body too large")}
-            )
+        length = self.request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > self.hub.config.api.max_body_bytes:
+            self._too_large = True
+            connection = self.request.connection
+            if int(length) <= MAX_DISCARD_BYTES and isinstance(connection, HTTP1Connection):
+                connection.set_max_body_size(int(length))  # dropped in data_received
+            else:
+                await self._too_large_reply()
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
             return
+        if len(self._body) + len(chunk) > self.hub.config.api.max_body_bytes:
+            self._too_large = True  # a chunked body without Content-Length; refused in post
+            self._body.clear()
+        else:
+            self._body += chunk
+
+    async def _too_large_reply(self) -> None:
+        log.info(
+            "api request refused: body over %d bytes remote=%s",
+            self.hub.config.api.max_body_bytes,
+            self.request.remote_ip,
+        )
+        await self._reply(413, {"error": codes.LIMIT_EXCEEDED.to_dict("request body too large")})
+
+    async def post(self, method: str) -> None:
+        if self._too_large:
+            await self._too_large_reply()
+            return
+        body = bytes(self._body)
         try:
-            params = orjson.loads(self.request.body) if self.request.body else {}
+            params = orjson.loads(body) if body else {}
         except orjson.JSONDecodeError:
             log.info("api request with invalid JSON method=%s", method)
             await self._reply(400, {"error": codes.BAD_REQUEST.to_dict("invalid JSON")})

@@ -74,6 +74,10 @@ class WebSocketTransport:
             raise TransportError("closed") from None
 
     def close(self, code: int, reason: str) -> None:
+        # A close frame carries at most 123 bytes of reason (RFC 6455 5.5); for a
+        # longer one Tornado raises and the connection would stay open. Cut it
+        # on a character boundary.
+        reason = reason.encode()[:123].decode(errors="ignore")
         stream = self._stream
         if stream is not None:
             # The close frame must get out even when the buffer limit is what
@@ -86,6 +90,21 @@ class WebSocketTransport:
                 stream.close()
 
 
+class _Protocol(tornado.websocket.WebSocketProtocol13):
+    """Remembers a close that Tornado starts by itself (an oversize frame: 1009).
+
+    By the time ``on_close`` runs, every kind of ending looks the same on the
+    protocol object (both sides marked terminated), so the code is kept here.
+    """
+
+    own_close: tuple[int, str] | None = None
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        if not (self.client_terminated or self.server_terminated):
+            self.own_close = (code or 1000, reason or "")
+        super().close(code, reason)
+
+
 class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
     """One WebSocket connection speaking the Centrifugo JSON protocol."""
 
@@ -93,6 +112,14 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
         self.hub = hub
         self.verifier = verifier
         self.client: Client | None = None
+        self._protocol: _Protocol | None = None
+
+    def get_websocket_protocol(self) -> tornado.websocket.WebSocketProtocol | None:
+        proto = super().get_websocket_protocol()
+        if type(proto) is tornado.websocket.WebSocketProtocol13:
+            self._protocol = _Protocol(self, False, proto.params)
+            return self._protocol
+        return proto
 
     @property
     def max_message_size(self) -> int:  # from config, not the application settings
@@ -139,10 +166,10 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
         client = self.client
         if client is None or client.closed:
             return
-        conn = self.ws_connection
-        if conn is not None and conn.server_terminated:
+        proto = self._protocol
+        if proto is not None and proto.own_close is not None:
             # Tornado closed on its own: the only such case is an oversize frame.
-            client.on_transport_closed(1009, "message too big")
+            client.on_transport_closed(*proto.own_close)
         else:
             code = self.close_code or 3000
             client.on_transport_closed(code, self.close_reason or "connection closed")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import tornado.web
 
 from server.auth import TokenVerifier
@@ -16,11 +18,42 @@ def make_app(
     """Build the Tornado application and its hub (call ``await hub.start()`` before serving)."""
     from handlers.routes import routes  # handlers import server, not the other way round
 
-    hub = Hub(config, engines.broker, engines.presence, engines.store, node_id=node_id)
+    hub = Hub(
+        config,
+        engines.broker,
+        engines.presence,
+        engines.store,
+        node_id=node_id,
+        telemetry=engines.telemetry,
+    )
     verifier = TokenVerifier(config.token)
     app = tornado.web.Application(
         routes(hub, verifier),
         websocket_ping_interval=None,  # the protocol has its own pings
         compress_response=False,
+        log_function=log_request,
     )
     return app, hub
+
+
+access_log = logging.getLogger("tornado.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log with levels that mean something: a 503 from ``/ready`` (or while
+    shutting down) is the service reporting its state, not Squall failing."""
+    status = handler.get_status()
+    if status < 400:
+        level = logging.INFO
+    elif status < 500 or status == 503:
+        level = logging.WARNING
+    else:
+        level = logging.ERROR
+    request = handler.request
+    access_log.log(
+        level,
+        "%d %s %.2fms",
+        status,
+        handler._request_summary(),  # Tornado's own "METHOD /uri (ip)" format
+        1000.0 * request.request_time(),
+    )

@@ -8,14 +8,19 @@ when present; ``aud``/``iss`` when configured.
 
 Connection token claims: ``sub`` (user id, ``""`` = anonymous), ``exp``,
 ``info`` (any JSON, shown to other clients in presence and publications),
-``channels`` (server-side subscriptions), ``meta`` (server-only JSON).
+``channels`` (server-side subscriptions), ``meta`` (server-only JSON). Every
+claim stays available as ``Credentials.claims`` (e.g. the telemetry claims
+``device`` and ``devices``, or any claim named by a namespace's
+``subscribe_claim``).
 Channel token claims: ``sub`` (must equal the connection's user), ``channel``
 (must equal the channel subscribed), ``exp``, ``info``.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -47,6 +52,7 @@ class Credentials:
     info: bytes | None = None  # raw JSON
     channels: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
+    claims: dict[str, Any] = field(default_factory=dict)  # every claim of the token, as decoded
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,7 @@ class TokenVerifier:
             info=_raw_json(claims, "info"),
             channels=tuple(channels),
             meta=meta,
+            claims=claims,
         )
 
     def channel(self, token: str, *, user: str, channel: str) -> ChannelCredentials:
@@ -135,6 +142,20 @@ class TokenVerifier:
         return ChannelCredentials(
             user=user, channel=channel, exp=claims.get("exp", 0), info=_raw_json(claims, "info")
         )
+
+
+def claim_globs_match(claims: Mapping[str, Any], claim: str, name: str) -> bool:
+    """Whether the token claim ``claim`` (a list of glob patterns) matches ``name``.
+
+    Patterns use ``fnmatch`` syntax, case-sensitive (``*``, ``?``, ``[seq]``).
+    A missing claim, or one that is not a list of strings, matches nothing.
+    """
+    if not claim:
+        return False
+    patterns = claims.get(claim)
+    if not isinstance(patterns, list):
+        return False
+    return any(isinstance(p, str) and fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
 def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:

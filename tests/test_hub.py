@@ -7,7 +7,9 @@ lost or repeated pub/sub message.
 
 from __future__ import annotations
 
+from server import codes
 from server.broker import Publication
+from tests.helpers.server import token
 
 
 async def _subscribed(sq, channel="chat:g"):
@@ -58,7 +60,7 @@ async def test_offset_gap_sends_insufficient_state_then_recovery_fills_it(squall
 async def test_epoch_change_sends_insufficient_state(squall):
     """A publication from a new stream epoch makes the subscriber resubscribe (no silent gap)."""
     sq = await squall()
-    c, epoch = await _subscribed(sq)
+    c, _ = await _subscribed(sq)
     await sq.api("publish", {"channel": "chat:g", "data": {"n": 1}})
     assert (await c.next_push())["push"]["pub"]["offset"] == 1
     sq.hub.on_publication("chat:g", Publication(1, "new-epoch", b"{}"))
@@ -79,3 +81,42 @@ async def test_on_gap_tells_every_subscriber_of_the_channel(squall):
         assert (await c.next_push())["push"]["unsubscribe"]["code"] == 2500
     assert "chat:g" not in sq.hub.channels
     assert "chat:other" in sq.hub.channels
+
+
+async def test_join_leave_pushes_go_only_to_subscribers_that_ask(squall):
+    """Without force_push_join_leave, only subscriptions with join_leave get join/leave pushes."""
+    sq = await squall(**{"namespaces.chat.force_push_join_leave": False})
+    asks = await sq.raw(connect=True)
+    await asks.command("subscribe", {"channel": "chat:j", "join_leave": True})
+    silent = await sq.raw(connect=True)
+    await silent.command("subscribe", {"channel": "chat:j"})
+    joiner = await sq.raw(connect=True, sub="bob")
+    await joiner.command("subscribe", {"channel": "chat:j"})
+    joins = [(await asks.next_push())["push"]["join"]["info"]["user"] for _ in range(3)]
+    assert joins == ["alice", "alice", "bob"]  # itself, `silent`, then `joiner`
+    joiner.close()
+    push = await asks.next_push()
+    assert push["push"]["leave"]["info"]["user"] == "bob"
+    await sq.api("publish", {"channel": "chat:j", "data": {"after": "leave"}})
+    first = await silent.next_push()
+    assert first["push"]["pub"]["data"] == {"after": "leave"}  # no join/leave before it
+
+
+async def test_shutdown_closes_connections_that_never_connected(squall):
+    """Graceful shutdown sends 3001 to a socket that has not sent connect yet, too."""
+    sq = await squall()
+    idle = await sq.raw()
+    connected = await sq.raw(connect=True)
+    sq.hub.closing = True
+    sq.hub.disconnect_all(codes.SHUTDOWN)
+    assert await idle.closed() == (3001, "shutdown")
+    assert await connected.closed() == (3001, "shutdown")
+
+
+async def test_connect_during_shutdown_is_refused_with_reconnect_code(squall):
+    """A connect that arrives while the node drains gets 3001, so the SDK reconnects elsewhere."""
+    sq = await squall()
+    late = await sq.raw()
+    sq.hub.closing = True
+    await late.send({"id": 1, "connect": {"token": token("alice")}})
+    assert await late.closed() == (3001, "shutdown")

@@ -58,6 +58,7 @@ BASE_CONFIG: dict[str, Any] = {
             "allow_history_for_subscriber": True,
             "presence": True,
             "join_leave": True,
+            "force_push_join_leave": True,
             "history_size": 100,
             "history_ttl": 300,
         },
@@ -79,6 +80,12 @@ BASE_CONFIG: dict[str, Any] = {
             "history_size": 5,
             "history_ttl": 300,
             "persist": True,
+        },
+        "telemetry": {
+            "allow_publish_for_client": True,
+            "publish_own_channel_only": True,
+            "subscribe_claim": "devices",
+            "telemetry": True,
         },
     },
 }
@@ -111,7 +118,9 @@ class RunningSquall:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def raw(self, *, origin: str | None = None, connect: bool = False, **kw: Any) -> RawClient:
+    async def raw(
+        self, *, origin: str | None = None, connect: bool = False, **kw: Any
+    ) -> RawClient:
         """Open a raw protocol connection (optionally send connect with ``token(sub)``)."""
         headers = {"Origin": origin} if origin else {}
         req = tornado.httpclient.HTTPRequest(self.ws_url, headers=headers)

@@ -1,0 +1,957 @@
+"""The Centrifugo client protocol (v2, JSON) over a real WebSocket, command by command.
+
+Raw JSON lines go over a real socket to the real app (``squall`` fixture); the
+assertions are what an SDK would see: reply fields, push order, close codes.
+Time-based behaviour runs with small configured intervals and waits for the
+next message with a bounded timeout, never for a fixed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import pytest
+import tornado.httpclient
+
+from server import __version__, codes
+from tests.helpers.logs import expect_log
+from tests.helpers.server import RawClient, token
+
+# ---------------------------------------------------------------------- helpers
+
+
+def kind(msg: dict[str, Any]) -> str:
+    """'pub', 'join', 'leave', 'unsubscribe', ... for a push; 'reply' or 'ping' otherwise."""
+    if "push" in msg:
+        return next(k for k in msg["push"] if k != "channel")
+    return "ping" if msg == {} else "reply"
+
+
+async def next_pub(c: RawClient, within: float = 2.0) -> dict[str, Any]:
+    """The next publication push (join/leave pushes and pings are skipped)."""
+    while True:
+        msg = await c.next_push(within)
+        assert "closed" not in msg, msg
+        if kind(msg) == "pub":
+            return msg["push"]
+
+
+async def next_of(c: RawClient, wanted: str, within: float = 2.0) -> dict[str, Any]:
+    """The next push of one kind (others are skipped)."""
+    while True:
+        msg = await c.next_push(within)
+        assert "closed" not in msg, msg
+        if kind(msg) == wanted:
+            return msg["push"]
+
+
+async def subscribed(c: RawClient, channel: str, **params: Any) -> dict[str, Any]:
+    reply = await c.command("subscribe", {"channel": channel, **params})
+    assert "subscribe" in reply, reply
+    return reply["subscribe"]
+
+
+async def publish_api(sq: Any, channel: str, data: Any) -> dict[str, Any]:
+    reply = await sq.api("publish", {"channel": channel, "data": data})
+    assert "result" in reply, reply
+    return reply["result"]
+
+
+def error_code(reply: dict[str, Any]) -> int:
+    assert "error" in reply, reply
+    return int(reply["error"]["code"])
+
+
+def chan() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+# ---------------------------------------------------------------------- connect
+
+
+async def test_connect_result_fields(squall):
+    """The connect reply carries client id, version, ping interval and pong, and no expiry."""
+    sq = await squall()
+    c = await sq.raw()
+    reply = await c.connect(token=token("alice", ttl=None))
+    assert reply["id"] == 1
+    result = reply["connect"]
+    assert uuid.UUID(result["client"])
+    assert result["version"] == __version__
+    assert result["ping"] == 25
+    assert result["pong"] is True
+    assert "expires" not in result
+    assert "ttl" not in result
+    assert "subs" not in result
+    assert result["client"] in sq.hub.clients
+
+
+async def test_connect_result_with_expiring_token(squall):
+    """A token with exp makes the connect reply say expires and the seconds left (ttl)."""
+    sq = await squall()
+    c = await sq.raw()
+    result = (await c.connect(token=token("alice", ttl=600)))["connect"]
+    assert result["expires"] is True
+    assert 590 <= result["ttl"] <= 600
+
+
+async def test_connect_without_pings_configured(squall):
+    """With client.ping_interval 0 the connect reply announces no pings."""
+    sq = await squall(**{"client.ping_interval": 0})
+    result = (await (await sq.raw()).connect())["connect"]
+    assert "ping" not in result
+    assert "pong" not in result
+
+
+async def test_every_connection_gets_its_own_client_id(squall):
+    """Two connections of one user have different client ids."""
+    sq = await squall()
+    a = (await (await sq.raw()).connect())["connect"]["client"]
+    b = (await (await sq.raw()).connect())["connect"]["client"]
+    assert a != b
+
+
+async def test_anonymous_connect_refused_by_default(squall):
+    """Without a token, connect is refused with 3500 unless anonymous connections are on."""
+    sq = await squall()
+    c = await sq.raw()
+    with expect_log("squall.client", r"disconnect code=3500.*token required"):
+        assert await c.command("connect", {}) == {"closed": 3500, "reason": "invalid token"}
+
+
+async def test_token_with_empty_sub_refused_when_anonymous_off(squall):
+    """A valid token for user '' is anonymous, and refused like no token when that is off."""
+    sq = await squall()
+    c = await sq.raw()
+    with expect_log("squall.client", r"disconnect code=3500"):
+        reply = await c.command("connect", {"token": token("")})
+    assert reply == {"closed": 3500, "reason": "invalid token"}
+
+
+async def test_anonymous_connect_allowed_by_config(squall):
+    """With allow_anonymous_connect, a client without token connects as user ''."""
+    sq = await squall(**{"client.allow_anonymous_connect": True})
+    c = await sq.raw()
+    reply = await c.command("connect", {})
+    assert "connect" in reply, reply
+    who = await c.command("rpc", {"method": "whoami"})
+    assert who["rpc"]["data"] == {"user": "", "client": reply["connect"]["client"]}
+
+
+async def test_connect_and_subscribe_in_one_frame(squall):
+    """connect and a subscribe sent together in one frame both succeed, in order."""
+    sq = await squall()
+    c = await sq.raw()
+    await c.send(
+        {"id": 1, "connect": {"token": token("alice")}},
+        {"id": 2, "subscribe": {"channel": "news"}},
+    )
+    first, second = await c.next_non_ping(), await c.next_non_ping()
+    assert first["id"] == 1
+    assert "connect" in first
+    assert second == {"id": 2, "subscribe": {}}
+
+
+# ---------------------------------------------------------------------- batching
+
+
+async def test_batched_commands_get_batched_replies_in_order(squall):
+    """Several commands in one frame are answered in order, in one frame."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    frames_before = c.frames
+    await c.send(
+        {"id": 5, "rpc": {"method": "echo", "data": "a"}},
+        {"id": 3, "ping": {}},
+        {"id": 4, "rpc": {"method": "echo", "data": "b"}},
+        {"id": 9, "rpc": {"method": "whoami"}},
+    )
+    replies = [await c.next_non_ping() for _ in range(4)]
+    assert [r["id"] for r in replies] == [5, 3, 4, 9]
+    assert replies[0]["rpc"] == {"data": "a"}
+    assert replies[1] == {"id": 3, "ping": {}}
+    assert replies[2]["rpc"] == {"data": "b"}
+    assert c.frames - frames_before == 1
+
+
+async def test_batched_subscribe_publish_history_run_in_order(squall):
+    """Commands of one frame run in order: history sees the publish sent just before it."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    await c.send(
+        {"id": 2, "subscribe": {"channel": ch}},
+        {"id": 3, "publish": {"channel": ch, "data": {"n": 1}}},
+        {"id": 4, "history": {"channel": ch, "limit": -1}},
+    )
+    replies = []
+    while len(replies) < 3:
+        msg = await c.next_non_ping()
+        if "id" in msg:
+            replies.append(msg)
+    assert [r["id"] for r in replies] == [2, 3, 4]
+    assert "subscribe" in replies[0]
+    assert replies[1] == {"id": 3, "publish": {}}
+    assert [p["data"] for p in replies[2]["history"]["publications"]] == [{"n": 1}]
+
+
+# ---------------------------------------------------------------------- server-side subscriptions
+
+
+async def test_token_channels_become_server_side_subscriptions(squall):
+    """Channels in the token's `channels` claim are subscribed at connect and then receive pubs."""
+    sq = await squall()
+    c = await sq.raw()
+    ch1, ch2 = "chat:" + chan(), "news" + chan()
+    tok = token("alice", extra={"channels": [ch1, ch2]})
+    reply = await c.connect(token=tok)
+    subs = reply["connect"]["subs"]
+    assert set(subs) == {ch1, ch2}
+    assert subs[ch1]["recoverable"] is True
+    assert subs[ch1]["offset"] == 0
+    assert subs[ch1]["epoch"]
+    assert subs[ch2] == {}
+    await publish_api(sq, ch1, {"to": 1})
+    await publish_api(sq, ch2, {"to": 2})
+    first = await next_pub(c)
+    second = await next_pub(c)
+    assert (first["channel"], first["pub"]["data"], first["pub"]["offset"]) == (ch1, {"to": 1}, 1)
+    assert (second["channel"], second["pub"]["data"]) == (ch2, {"to": 2})
+
+
+async def test_token_channel_in_unknown_namespace_is_skipped(squall):
+    """A token channel whose namespace does not exist is left out; the rest still works."""
+    sq = await squall()
+    c = await sq.raw()
+    with expect_log("squall.client", r"token channel 'nope:x' skipped"):
+        reply = await c.connect(token=token("alice", extra={"channels": ["nope:x", "news"]}))
+    assert set(reply["connect"]["subs"]) == {"news"}
+
+
+async def test_server_side_subscription_shows_in_presence(squall):
+    """A server-side subscription counts in presence like a client one."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    c = await sq.raw()
+    client_id = (await c.connect(token=token("alice", extra={"channels": [ch]})))["connect"][
+        "client"
+    ]
+    await next_of(c, "join")  # announced to the channel, ourselves included
+    reply = await c.command("presence", {"channel": ch})
+    assert list(reply["presence"]["presence"]) == [client_id]
+
+
+async def test_server_side_subscription_recovers_on_reconnect(squall):
+    """Reconnecting with `subs` positions recovers the missed pubs of server-side channels."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    tok = token("alice", extra={"channels": [ch]})
+    first = await sq.raw()
+    epoch = (await first.connect(token=tok))["connect"]["subs"][ch]["epoch"]
+    await publish_api(sq, ch, "seen")
+    assert (await next_pub(first))["pub"]["offset"] == 1
+    first.close()
+    await publish_api(sq, ch, "missed-1")
+    await publish_api(sq, ch, "missed-2")
+    again = await sq.raw()
+    reply = await again.connect(
+        token=tok, subs={ch: {"recover": True, "offset": 1, "epoch": epoch}}
+    )
+    sub = reply["connect"]["subs"][ch]
+    assert sub["recovered"] is True
+    assert [p["data"] for p in sub["publications"]] == ["missed-1", "missed-2"]
+    assert (sub["epoch"], sub["offset"]) == (epoch, 3)
+
+
+# ---------------------------------------------------------------------- subscribe / unsubscribe
+
+
+async def test_subscribe_result_for_recoverable_channel(squall):
+    """Subscribing with recoverable to a history channel returns the stream position."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    pos = await publish_api(sq, ch, "before")
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recoverable=True)
+    assert result == {
+        "recoverable": True,
+        "positioned": True,
+        "epoch": pos["epoch"],
+        "offset": 1,
+    }
+
+
+async def test_subscribe_without_recoverable_has_no_position(squall):
+    """A plain subscribe to a history channel returns no position (SDK did not ask)."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    assert await subscribed(c, "chat:" + chan()) == {}
+
+
+async def test_unknown_namespace_gets_102(squall):
+    """Subscribing to a channel of an unconfigured namespace gets 102 unknown channel."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    reply = await c.command("subscribe", {"channel": "nope:room"})
+    assert reply["error"] == {"code": 102, "message": "unknown channel"}
+
+
+async def test_already_subscribed_gets_105(squall):
+    """Subscribing twice to the same channel gets 105 already subscribed."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    await subscribed(c, "news")
+    reply = await c.command("subscribe", {"channel": "news"})
+    assert reply["error"] == {"code": 105, "message": "already subscribed"}
+
+
+async def test_max_channels_gets_106(squall):
+    """Going over client.max_channels subscriptions gets 106 limit exceeded."""
+    sq = await squall(**{"client.max_channels": 2})
+    c = await sq.raw(connect=True)
+    await subscribed(c, "a")
+    await subscribed(c, "b")
+    assert error_code(await c.command("subscribe", {"channel": "c"})) == 106
+    assert await c.command("unsubscribe", {"channel": "a"}) == {"id": 5, "unsubscribe": {}}
+    await subscribed(c, "c")
+
+
+async def test_unsubscribed_channel_stops_delivering(squall):
+    """After unsubscribe, publications to the channel no longer arrive."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "news" + chan()
+    await subscribed(c, ch)
+    await publish_api(sq, ch, 1)
+    assert (await next_pub(c))["pub"]["data"] == 1
+    assert "unsubscribe" in await c.command("unsubscribe", {"channel": ch})
+    await publish_api(sq, ch, 2)
+    # Had the pub been delivered, it would have been queued before this reply.
+    assert await c.command("ping") == {"id": 4, "ping": {}}
+    assert not c.inbox
+
+
+async def test_unsubscribe_from_unknown_channel_is_fine(squall):
+    """Unsubscribing from a channel one is not subscribed to is a no-op success."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    assert await c.command("unsubscribe", {"channel": "never"}) == {"id": 2, "unsubscribe": {}}
+
+
+# ---------------------------------------------------------------------- permissions per namespace
+
+
+async def test_chat_subscribers_may_publish_others_may_not(squall):
+    """In chat (allow_publish_for_subscriber) only subscribers publish."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    assert error_code(await c.command("publish", {"channel": ch, "data": 1})) == 103
+    await subscribed(c, ch)
+    assert "publish" in await c.command("publish", {"channel": ch, "data": 2})
+    assert (await next_pub(c))["pub"]["data"] == 2
+
+
+async def test_chat_refuses_anonymous_subscribers(squall):
+    """chat allows authenticated users only: an anonymous subscribe gets 103."""
+    sq = await squall(**{"client.allow_anonymous_connect": True})
+    c = await sq.raw()
+    assert "connect" in await c.command("connect", {})
+    assert error_code(await c.command("subscribe", {"channel": "chat:x"})) == 103
+
+
+async def test_public_namespace_allows_anonymous_subscribe_and_publish(squall):
+    """public lets anonymous connections subscribe, and publish without subscribing."""
+    sq = await squall(**{"client.allow_anonymous_connect": True})
+    reader = await sq.raw()
+    assert "connect" in await reader.command("connect", {})
+    writer = await sq.raw()
+    assert "connect" in await writer.command("connect", {})
+    ch = "public:" + chan()
+    await subscribed(reader, ch)
+    assert "publish" in await writer.command("publish", {"channel": ch, "data": {"anon": 1}})
+    push = await next_pub(reader)
+    assert push["pub"]["data"] == {"anon": 1}
+    assert push["pub"]["info"]["user"] == ""
+
+
+async def test_public_history_for_clients_but_not_anonymous(squall):
+    """public's allow_history_for_client serves authenticated users only."""
+    sq = await squall(**{"client.allow_anonymous_connect": True})
+    ch = "public:" + chan()
+    await publish_api(sq, ch, 1)
+    user = await sq.raw(connect=True)
+    reply = await user.command("history", {"channel": ch, "limit": -1})
+    assert [p["data"] for p in reply["history"]["publications"]] == [1]
+    anon = await sq.raw()
+    assert "connect" in await anon.command("connect", {})
+    assert error_code(await anon.command("history", {"channel": ch, "limit": -1})) == 103
+
+
+async def test_readonly_namespace_refuses_publish_even_to_subscribers(squall):
+    """readonly allows subscribing but never publishing from clients."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "readonly:" + chan()
+    await subscribed(c, ch)
+    assert error_code(await c.command("publish", {"channel": ch, "data": 1})) == 103
+    await publish_api(sq, ch, "from backend")
+    assert (await next_pub(c))["pub"]["data"] == "from backend"
+
+
+async def test_private_namespace_needs_a_channel_token(squall):
+    """private channels need a channel token; with one the subscriber can publish."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    assert error_code(await c.command("subscribe", {"channel": ch})) == 103
+    result = await subscribed(c, ch, token=token("alice", channel=ch, ttl=None))
+    assert result == {}
+    assert "publish" in await c.command("publish", {"channel": ch, "data": "hi"})
+    assert (await next_pub(c))["pub"]["data"] == "hi"
+
+
+async def test_channel_token_info_is_attached_to_publications(squall):
+    """The channel token's info travels as chan_info with the subscriber's publications."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    await subscribed(c, ch, token=token("alice", channel=ch, extra={"info": {"role": "mod"}}))
+    await c.command("publish", {"channel": ch, "data": 1})
+    assert (await next_pub(c))["pub"]["info"]["chan_info"] == {"role": "mod"}
+
+
+async def test_expired_channel_token_gets_109(squall):
+    """An expired channel token gets 109 so the SDK fetches a new one."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    old = token("alice", channel=ch, extra={"exp": int(time.time()) - 10}, ttl=None)
+    assert error_code(await c.command("subscribe", {"channel": ch, "token": old})) == 109
+
+
+async def test_channel_token_of_another_user_gets_103(squall):
+    """A channel token minted for bob does not let alice in."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    assert (
+        error_code(await c.command("subscribe", {"channel": ch, "token": token("bob", channel=ch)}))
+        == 103
+    )
+
+
+async def test_top_level_channels_follow_the_channel_section(squall):
+    """Channels without a namespace: users subscribe, subscribers publish."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "lobby" + chan()
+    assert error_code(await c.command("publish", {"channel": ch, "data": 1})) == 103
+    await subscribed(c, ch)
+    assert "publish" in await c.command("publish", {"channel": ch, "data": 2})
+
+
+# ---------------------------------------------------------------------- presence and history
+
+
+async def test_presence_and_stats_for_subscribers(squall):
+    """Subscribers of chat see who is there: client ids with user and conn_info."""
+    sq = await squall()
+    a = await sq.raw()
+    a_id = (await a.connect(token=token("alice", extra={"info": {"name": "A"}})))["connect"][
+        "client"
+    ]
+    b = await sq.raw()
+    b_id = (await b.connect(sub="bob"))["connect"]["client"]
+    ch = "chat:" + chan()
+    await subscribed(a, ch)
+    await subscribed(b, ch)
+    reply = await a.command("presence", {"channel": ch})
+    presence = reply["presence"]["presence"]
+    assert presence == {
+        a_id: {"user": "alice", "client": a_id, "conn_info": {"name": "A"}},
+        b_id: {"user": "bob", "client": b_id},
+    }
+    stats = await b.command("presence_stats", {"channel": ch})
+    assert stats["presence_stats"] == {"num_clients": 2, "num_users": 2}
+
+
+async def test_presence_needs_subscription_in_chat(squall):
+    """In chat, presence and presence_stats are for subscribers only (103)."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    assert error_code(await c.command("presence", {"channel": ch})) == 103
+    assert error_code(await c.command("presence_stats", {"channel": ch})) == 103
+    assert error_code(await c.command("history", {"channel": ch})) == 103
+
+
+async def test_presence_not_enabled_gets_108(squall):
+    """Presence on a namespace without presence gets 108 not available."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "public:" + chan()
+    await subscribed(c, ch)
+    assert error_code(await c.command("presence", {"channel": ch})) == 108
+    assert error_code(await c.command("presence_stats", {"channel": ch})) == 108
+
+
+async def test_history_not_enabled_gets_108(squall):
+    """History on a namespace without history gets 108 not available."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "readonly:" + chan()
+    await subscribed(c, ch)
+    assert error_code(await c.command("history", {"channel": ch})) == 108
+
+
+async def test_history_limit_since_and_reverse(squall):
+    """History honours limit (0 = position only, -1 = all), since and reverse."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    for n in range(1, 6):
+        pos = await publish_api(sq, ch, {"n": n})
+    epoch = pos["epoch"]
+    c = await sq.raw(connect=True)
+    await subscribed(c, ch)
+
+    async def history(**params: Any) -> tuple[list[int], dict[str, Any]]:
+        reply = await c.command("history", {"channel": ch, **params})
+        result = reply["history"]
+        return [p["offset"] for p in result.get("publications", [])], result
+
+    offsets, result = await history()
+    assert offsets == []
+    assert (result["offset"], result["epoch"]) == (5, epoch)
+    assert (await history(limit=-1))[0] == [1, 2, 3, 4, 5]
+    assert (await history(limit=2))[0] == [1, 2]
+    assert (await history(limit=2, reverse=True))[0] == [5, 4]
+    assert (await history(limit=-1, reverse=True))[0] == [5, 4, 3, 2, 1]
+    assert (await history(since={"offset": 2, "epoch": epoch}, limit=-1))[0] == [3, 4, 5]
+    assert (await history(since={"offset": 2, "epoch": epoch}, limit=2))[0] == [3, 4]
+    assert (await history(since={"offset": 5, "epoch": epoch}, limit=-1))[0] == []
+    offsets, result = await history(limit=1)
+    assert result["publications"][0]["data"] == {"n": 1}
+
+
+async def test_history_since_another_epoch_gets_112(squall):
+    """History since a position from another stream epoch gets 112, not an empty page."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    await publish_api(sq, ch, 1)
+    c = await sq.raw(connect=True)
+    await subscribed(c, ch)
+    reply = await c.command("history", {"channel": ch, "since": {"offset": 0, "epoch": "gone"}})
+    assert reply["error"] == {"code": 112, "message": "unrecoverable position"}
+
+
+async def test_history_keeps_only_history_size(squall):
+    """Only the last history_size publications are kept (public: 10)."""
+    sq = await squall()
+    ch = "public:" + chan()
+    for n in range(1, 13):
+        await publish_api(sq, ch, n)
+    c = await sq.raw(connect=True)
+    reply = await c.command("history", {"channel": ch, "limit": -1})
+    assert [p["data"] for p in reply["history"]["publications"]] == list(range(3, 13))
+
+
+# ---------------------------------------------------------------------- recovery
+
+
+async def test_recovery_returns_exactly_the_missed_publications(squall):
+    """Resubscribing with recover and the last position returns every missed pub once, in order."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    a = await sq.raw(connect=True)
+    first = await subscribed(a, ch, recoverable=True)
+    epoch = first["epoch"]
+    for n in (1, 2):
+        await publish_api(sq, ch, {"n": n})
+    assert [(await next_pub(a))["pub"]["offset"] for _ in range(2)] == [1, 2]
+    a.close()
+    for n in (3, 4, 5):
+        await publish_api(sq, ch, {"n": n})
+
+    b = await sq.raw(connect=True)
+    result = await subscribed(b, ch, recoverable=True, recover=True, offset=2, epoch=epoch)
+    assert result["was_recovering"] is True
+    assert result["recovered"] is True
+    assert result["recoverable"] is True
+    assert (result["epoch"], result["offset"]) == (epoch, 5)
+    pubs = result["publications"]
+    assert [p["offset"] for p in pubs] == [3, 4, 5]
+    assert [p["data"] for p in pubs] == [{"n": 3}, {"n": 4}, {"n": 5}]
+    await publish_api(sq, ch, {"n": 6})
+    push = await next_pub(b)
+    assert (push["pub"]["offset"], push["pub"]["data"]) == (6, {"n": 6})
+
+
+async def test_recovery_with_nothing_missed(squall):
+    """Recovering from the current top is recovered with no publications."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    pos = await publish_api(sq, ch, 1)
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recover=True, offset=pos["offset"], epoch=pos["epoch"])
+    assert result["recovered"] is True
+    assert "publications" not in result
+
+
+async def test_recovery_with_wrong_epoch_is_not_recovered(squall):
+    """A position from another epoch cannot be recovered: recovered false, live pubs continue."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    pos = await publish_api(sq, ch, 1)
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recover=True, offset=1, epoch="not-" + pos["epoch"])
+    assert result["was_recovering"] is True
+    assert result["recovered"] is False
+    assert result["epoch"] == pos["epoch"]
+    assert "publications" not in result
+    await publish_api(sq, ch, 2)
+    assert (await next_pub(c))["pub"]["offset"] == 2
+
+
+async def test_recovery_beyond_the_history_window_is_not_recovered(squall):
+    """When history no longer reaches back to the position, recovered is false (no silent gap)."""
+    sq = await squall()
+    ch = "public:" + chan()  # history_size 10
+    pos = await publish_api(sq, ch, 1)
+    for n in range(2, 16):
+        await publish_api(sq, ch, n)
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recover=True, offset=2, epoch=pos["epoch"])
+    assert result["recovered"] is False
+    assert "publications" not in result
+    assert result["offset"] == 15
+
+
+async def test_recovery_from_a_future_offset_is_not_recovered(squall):
+    """An offset ahead of the stream (e.g. from a lost stream) is not recoverable."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    pos = await publish_api(sq, ch, 1)
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recover=True, offset=99, epoch=pos["epoch"])
+    assert result["recovered"] is False
+
+
+# ---------------------------------------------------------------------- join / leave
+
+
+async def test_join_and_leave_pushes(squall):
+    """Subscribers of a join_leave channel see others join and leave, with their info."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    a = await sq.raw(connect=True)
+    await subscribed(a, ch)
+    assert (await next_of(a, "join"))["join"]["info"]["user"] == "alice"  # itself
+    b = await sq.raw()
+    b_id = (await b.connect(token=token("bob", extra={"info": {"n": "B"}})))["connect"]["client"]
+    await subscribed(b, ch)
+    join = await next_of(a, "join")
+    assert join == {
+        "channel": ch,
+        "join": {"info": {"user": "bob", "client": b_id, "conn_info": {"n": "B"}}},
+    }
+    assert "unsubscribe" in await b.command("unsubscribe", {"channel": ch})
+    leave = await next_of(a, "leave")
+    assert leave["leave"]["info"]["client"] == b_id
+
+
+async def test_leave_push_when_a_subscriber_disconnects(squall):
+    """A subscriber whose connection drops is announced as leaving."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    a = await sq.raw(connect=True)
+    await subscribed(a, ch)
+    b = await sq.raw(connect=True, sub="bob")
+    await subscribed(b, ch)
+    assert (await next_of(a, "join"))["join"]["info"]["user"] == "alice"
+    assert (await next_of(a, "join"))["join"]["info"]["user"] == "bob"
+    b.close()
+    assert (await next_of(a, "leave"))["leave"]["info"]["user"] == "bob"
+
+
+async def test_presence_forgets_a_subscriber_that_left(squall):
+    """Once a subscriber's leave is announced, presence no longer lists it."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    a = await sq.raw()
+    a_id = (await a.connect())["connect"]["client"]
+    await subscribed(a, ch)
+    b = await sq.raw(connect=True, sub="bob")
+    await subscribed(b, ch)
+    stats = await a.command("presence_stats", {"channel": ch})
+    assert stats["presence_stats"] == {"num_clients": 2, "num_users": 2}
+    b.close()
+    assert (await next_of(a, "leave"))["leave"]["info"]["user"] == "bob"
+    reply = await a.command("presence", {"channel": ch})
+    assert list(reply["presence"]["presence"]) == [a_id]
+
+
+# ---------------------------------------------------------------------- rpc / send
+
+
+async def test_rpc_echo_and_whoami(squall):
+    """Built-in RPC: echo returns its data, whoami the user and client id."""
+    sq = await squall()
+    c = await sq.raw()
+    client_id = (await c.connect())["connect"]["client"]
+    data = {"nested": [1, "two", {"three": None}]}
+    assert (await c.command("rpc", {"method": "echo", "data": data}))["rpc"] == {"data": data}
+    who = await c.command("rpc", {"method": "whoami"})
+    assert who["rpc"]["data"] == {"user": "alice", "client": client_id}
+
+
+async def test_unknown_rpc_method_gets_104(squall):
+    """An RPC method nobody registered gets 104 and the connection stays."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    assert error_code(await c.command("rpc", {"method": "nope"})) == 104
+    assert "rpc" in await c.command("rpc", {"method": "echo"})
+
+
+async def test_registered_rpc_handler_is_called(squall):
+    """An application RPC handler registered on the hub answers rpc calls."""
+    sq = await squall()
+
+    async def double(client: Any, data: bytes) -> bytes:
+        return str(int(data) * 2).encode()
+
+    sq.hub.rpc_handlers["double"] = double
+    c = await sq.raw(connect=True)
+    assert (await c.command("rpc", {"method": "double", "data": 21}))["rpc"] == {"data": 42}
+
+
+async def test_send_reaches_message_handlers_without_reply(squall):
+    """`send` delivers data to the hub's message handlers and gets no reply."""
+    sq = await squall()
+    got: asyncio.Future[tuple[str, bytes]] = asyncio.get_running_loop().create_future()
+    sq.hub.message_handlers.append(lambda client, data: got.set_result((client.user, data)))
+    c = await sq.raw(connect=True)
+    await c.send({"send": {"data": {"hello": "server"}}})
+    assert await c.command("ping") == {"id": 2, "ping": {}}  # the next message is this reply
+    assert await asyncio.wait_for(got, 2) == ("alice", b'{"hello":"server"}')
+
+
+async def test_send_with_id_gets_no_reply_either(squall):
+    """`send` never gets a reply, even when the SDK sends it with an id."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    await c.send({"id": 7, "send": {"data": 1}})
+    assert await c.command("ping") == {"id": 2, "ping": {}}
+
+
+# ---------------------------------------------------------------------- refresh
+
+
+async def test_refresh_with_new_token_moves_expiry(squall):
+    """refresh with a fresh token returns the new ttl."""
+    sq = await squall()
+    c = await sq.raw()
+    client_id = (await c.connect(token=token("alice", ttl=60)))["connect"]["client"]
+    reply = await c.command("refresh", {"token": token("alice", ttl=3600)})
+    result = reply["refresh"]
+    assert result["client"] == client_id
+    assert result["version"] == __version__
+    assert result["expires"] is True
+    assert 3590 <= result["ttl"] <= 3600
+
+
+async def test_refresh_with_other_users_token_closes_with_3500(squall):
+    """A refresh token for another user closes the connection with 3500."""
+    sq = await squall()
+    c = await sq.raw()
+    await c.connect(token=token("alice", ttl=60))
+    with expect_log("squall.client", r"disconnect code=3500.*another user"):
+        reply = await c.command("refresh", {"token": token("mallory", ttl=3600)})
+    assert reply == {"closed": 3500, "reason": "invalid token"}
+
+
+async def test_refresh_with_expired_token_gets_109(squall):
+    """Refreshing with an already expired token gets 109; the connection stays."""
+    sq = await squall()
+    c = await sq.raw()
+    await c.connect(token=token("alice", ttl=60))
+    old = token("alice", ttl=None, extra={"exp": int(time.time()) - 5})
+    assert error_code(await c.command("refresh", {"token": old})) == 109
+    assert "ping" in await c.command("ping")
+
+
+async def test_connection_expires_with_3005_when_not_refreshed(squall):
+    """A connection whose token expires and is not refreshed is closed with 3005."""
+    sq = await squall(**{"client.expired_close_delay": 0.1})
+    c = await sq.raw()
+    result = (await c.connect(token=token("alice", ttl=2)))["connect"]
+    assert result["expires"] is True
+    with expect_log("squall.client", r"disconnect code=3005 reason=connection expired"):
+        assert await c.closed(within=5) == (3005, "connection expired")
+
+
+async def test_refreshed_connection_outlives_its_first_token(squall):
+    """After a refresh the connection stays open past the first token's exp."""
+    sq = await squall(**{"client.expired_close_delay": 0.1, "client.ping_interval": 0.5})
+    c = await sq.raw()
+    await c.connect(token=token("alice", ttl=2))
+    old_deadline = time.time() + 2 + 0.1
+    assert "refresh" in await c.command("refresh", {"token": token("alice", ttl=3600)})
+    while time.time() < old_deadline + 0.5:  # server pings mark the time passing
+        msg = await c.next(within=2)
+        assert msg == {}, msg
+        await c.send_raw("{}")
+    assert await c.command("ping") == {"id": 3, "ping": {}}
+
+
+async def test_server_api_refresh_expired_closes_with_3005(squall):
+    """The server API can expire a user's connections at once (3005)."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    assert await sq.api("refresh", {"user": "alice", "expired": True}) == {"result": {}}
+    assert await c.closed() == (3005, "connection expired")
+
+
+# ---------------------------------------------------------------------- sub_refresh
+
+
+async def test_sub_refresh_moves_the_subscription_expiry(squall):
+    """sub_refresh with a fresh channel token returns the new ttl of the subscription."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    result = await subscribed(c, ch, token=token("alice", channel=ch, ttl=60))
+    assert result["expires"] is True
+    assert 50 <= result["ttl"] <= 60
+    reply = await c.command("sub_refresh", {"channel": ch, "token": token("alice", channel=ch)})
+    assert reply["sub_refresh"]["expires"] is True
+    assert 3590 <= reply["sub_refresh"]["ttl"] <= 3600
+
+
+async def test_sub_refresh_with_token_for_another_channel_gets_103(squall):
+    """sub_refresh with a channel token for a different channel gets 103."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    await subscribed(c, ch, token=token("alice", channel=ch, ttl=60))
+    reply = await c.command("sub_refresh", {"channel": ch, "token": token("alice", channel="x:y")})
+    assert error_code(reply) == 103
+
+
+async def test_sub_refresh_when_not_subscribed_gets_103(squall):
+    """sub_refresh on a channel one is not subscribed to gets 103."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    reply = await c.command("sub_refresh", {"channel": ch, "token": token("alice", channel=ch)})
+    assert error_code(reply) == 103
+
+
+async def test_subscription_expires_with_unsubscribe_2501(squall):
+    """A channel token that expires without sub_refresh ends the subscription with 2501."""
+    sq = await squall(**{"client.expired_close_delay": 0.1})
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    await subscribed(c, ch, token=token("alice", channel=ch, ttl=2))
+    with expect_log("squall.client", r"unsubscribe code=2501"):
+        push = await next_of(c, "unsubscribe", within=5)
+    assert push == {
+        "channel": ch,
+        "unsubscribe": {"code": 2501, "reason": "subscription expired"},
+    }
+    assert "ping" in await c.command("ping")  # the connection itself stays
+
+
+# ---------------------------------------------------------------------- pings, stale, shutdown
+
+
+async def test_server_pings_arrive_and_answering_keeps_the_connection(squall):
+    """Server pings ({}) arrive every ping_interval; a client that answers stays connected."""
+    sq = await squall(**{"client.ping_interval": 0.2, "client.pong_timeout": 0.3})
+    c = await sq.raw(connect=True)
+    started = time.monotonic()
+    for _ in range(5):
+        assert await c.next(within=1) == {}
+        await c.send_raw("{}")
+    assert time.monotonic() - started > 0.6  # well past one pong_timeout
+    assert await c.command("ping") == {"id": 2, "ping": {}}
+
+
+async def test_client_that_does_not_answer_pings_gets_3012(squall):
+    """A client that never answers the server's pings is closed with 3012 no pong."""
+    sq = await squall(**{"client.ping_interval": 0.2, "client.pong_timeout": 0.2})
+    c = await sq.raw(connect=True)
+    with expect_log("squall.client", r"disconnect code=3012 reason=no pong"):
+        assert await c.closed(within=3) == (3012, "no pong")
+
+
+async def test_connection_without_connect_is_closed_as_stale(squall):
+    """A connection that never sends connect is closed with 3502 after connect_timeout."""
+    sq = await squall(**{"client.connect_timeout": 0.2})
+    c = await sq.raw()
+    with expect_log("squall.client", r"disconnect code=3502 reason=stale"):
+        assert await c.closed(within=3) == (3502, "stale")
+
+
+async def test_graceful_shutdown_closes_clients_with_3001(squall):
+    """On shutdown every client is closed with 3001 (reconnect elsewhere); new ones get 503."""
+    sq = await squall()
+    a = await sq.raw(connect=True)
+    b = await sq.raw(connect=True, sub="bob")
+    await subscribed(b, "chat:" + chan())
+    sq.hub.closing = True
+    sq.hub.disconnect_all(codes.SHUTDOWN)
+    assert await a.closed() == (3001, "shutdown")
+    assert await b.closed() == (3001, "shutdown")
+    assert sq.hub.clients == {}
+    with (
+        expect_log("tornado.access", r"503 GET /connection/websocket"),
+        pytest.raises(tornado.httpclient.HTTPClientError) as info,
+    ):
+        await sq.raw()
+    assert info.value.code == 503
+
+
+# ---------------------------------------------------------------------- server API control
+
+
+async def test_server_api_disconnect_uses_the_given_code(squall):
+    """Server API disconnect closes the user's connections with the requested code and reason."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    other = await sq.raw(connect=True, sub="bob")
+    reply = await sq.api(
+        "disconnect", {"user": "alice", "disconnect": {"code": 4000, "reason": "bye"}}
+    )
+    assert reply == {"result": {}}
+    assert await c.closed() == (4000, "bye")
+    assert await other.command("ping") == {"id": 2, "ping": {}}
+
+
+async def test_server_api_subscribe_and_unsubscribe_pushes(squall):
+    """Server API subscribe/unsubscribe reach the client as subscribe/unsubscribe pushes."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    assert await sq.api("subscribe", {"user": "alice", "channel": ch}) == {"result": {}}
+    push = await next_of(c, "subscribe")
+    assert push["channel"] == ch
+    await publish_api(sq, ch, "live")
+    assert (await next_pub(c))["pub"]["data"] == "live"
+    assert await sq.api("unsubscribe", {"user": "alice", "channel": ch}) == {"result": {}}
+    push = await next_of(c, "unsubscribe")
+    assert push["unsubscribe"] == {"code": 2000, "reason": "server unsubscribe"}
+
+
+async def test_server_api_send_pushes_a_message(squall):
+    """Server API send delivers a `message` push to the user's connections only."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    other = await sq.raw(connect=True, sub="bob")
+    assert await sq.api("send", {"user": "alice", "data": {"note": 1}}) == {"result": {}}
+    assert await next_of(c, "message") == {"message": {"data": {"note": 1}}}
+    assert await other.command("ping") == {"id": 2, "ping": {}}
+    assert not other.inbox

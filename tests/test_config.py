@@ -1,0 +1,407 @@
+"""``load_config``: defaults, YAML, ``SQUALL_*`` overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from server.config import DEFAULT_CONFIG_PATH, ClientConfig, Config, config_from_dict, load_config
+from server.errors import ConfigError
+
+
+def public_pem(private_key: Any) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "squall.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load(tmp_path: Path, text: str = "", environ: dict[str, str] | None = None) -> Config:
+    return load_config(write(tmp_path, text), environ=environ or {})
+
+
+def config_error(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text, environ)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------- defaults and sources
+
+
+def test_empty_file_gives_documented_defaults(tmp_path):
+    """An empty config file starts Squall with the README's defaults."""
+    cfg = load(tmp_path)
+    assert cfg.server.host == "127.0.0.1"
+    assert cfg.server.port == 8000
+    assert cfg.server.shutdown_timeout == 30.0
+    assert cfg.client.ping_interval == 25.0
+    assert cfg.client.pong_timeout == 8.0
+    assert cfg.client.max_frame_bytes == 65536
+    assert cfg.client.max_queue_bytes == 1048576
+    assert cfg.client.max_channels == 128
+    assert cfg.client.max_channel_length == 255
+    assert cfg.client.command_rate == 100.0
+    assert cfg.client.command_burst == 200
+    assert cfg.client.allow_anonymous_connect is False
+    assert cfg.client.allowed_origins == ()
+    assert cfg.api.key == ""
+    assert cfg.api.max_body_bytes == 1048576
+    assert cfg.redis.url == ""
+    assert cfg.mongodb.url == ""
+    assert cfg.mongodb.driver == "pymongo"
+    assert dict(cfg.namespaces) == {}
+    assert cfg.token.hmac_secret == ""
+
+
+def test_every_channel_permission_defaults_to_off(tmp_path):
+    """A namespace allows only what it says: an empty namespace allows nothing."""
+    cfg = load(tmp_path, "namespaces:\n  bare: {}\n")
+    opts = cfg.namespaces["bare"]
+    allows = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    assert not any(v for k, v in allows.items() if k.startswith("allow_") and k != "allow_recovery")
+    assert opts.private is False
+    assert opts.presence is False
+    assert opts.history_enabled is False
+    assert opts.recoverable is False
+
+
+def test_yaml_values_are_loaded(tmp_path):
+    """Values from the YAML file replace the defaults, with durations as float seconds."""
+    cfg = load(
+        tmp_path,
+        """
+        server: {host: 0.0.0.0, port: 9100, name: node-a}
+        token: {hmac_secret: s3cret, audience: app, issuer: auth, leeway: 2}
+        client:
+          allowed_origins: ["https://app.example.com", "*"]
+          ping_interval: 5
+          max_queue_bytes: 2000
+          allow_anonymous_connect: true
+        api: {key: k}
+        """,
+    )
+    assert (cfg.server.host, cfg.server.port, cfg.node_name) == ("0.0.0.0", 9100, "node-a")
+    assert cfg.token.audience == "app"
+    assert cfg.token.leeway == 2.0
+    assert cfg.client.allowed_origins == ("https://app.example.com", "*")
+    assert cfg.client.ping_interval == 5.0
+    assert isinstance(cfg.client.ping_interval, float)
+    assert cfg.client.max_queue_bytes == 2000
+    assert cfg.client.allow_anonymous_connect is True
+    assert cfg.api.key == "k"
+
+
+def test_node_name_defaults_to_host_and_port(tmp_path):
+    """Without server.name the node is called host:port."""
+    assert load(tmp_path, "server: {port: 8123}").node_name == "127.0.0.1:8123"
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "read", "expected"),
+    [
+        ("SQUALL_PORT", "9001", lambda c: c.server.port, 9001),
+        ("SQUALL_HOST", "0.0.0.0", lambda c: c.server.host, "0.0.0.0"),
+        ("SQUALL_NAME", "edge-1", lambda c: c.server.name, "edge-1"),
+        ("SQUALL_TOKEN_HMAC_SECRET", "from-env", lambda c: c.token.hmac_secret, "from-env"),
+        ("SQUALL_API_KEY", "env-key", lambda c: c.api.key, "env-key"),
+        (
+            "SQUALL_REDIS_URL",
+            "redis://127.0.0.1:1/0",
+            lambda c: c.redis.url,
+            "redis://127.0.0.1:1/0",
+        ),
+        (
+            "SQUALL_MONGODB_URL",
+            "mongodb://127.0.0.1:1",
+            lambda c: c.mongodb.url,
+            "mongodb://127.0.0.1:1",
+        ),
+        ("SQUALL_MONGODB_DATABASE", "other", lambda c: c.mongodb.database, "other"),
+    ],
+)
+def test_environment_overrides_yaml(tmp_path, var, value, read, expected):
+    """Each documented SQUALL_* variable wins over config.yaml."""
+    text = """
+        server: {host: 127.0.0.1, port: 8000, name: yaml}
+        token: {hmac_secret: yaml}
+        api: {key: yaml}
+        mongodb: {database: yaml}
+        """
+    assert read(load(tmp_path, text, {var: value})) == expected
+
+
+def test_environment_override_into_an_empty_section(tmp_path):
+    """``server:`` left empty in YAML still takes SQUALL_PORT from the environment."""
+    cfg = load(
+        tmp_path, "server:\ntoken:\n", {"SQUALL_PORT": "9002", "SQUALL_TOKEN_HMAC_SECRET": "x"}
+    )
+    assert cfg.server.port == 9002
+    assert cfg.token.hmac_secret == "x"
+
+
+def test_public_keys_from_environment(tmp_path):
+    """PEM public keys come from SQUALL_TOKEN_RSA_PUBLIC_KEY / SQUALL_TOKEN_ECDSA_PUBLIC_KEY."""
+    rsa_pem = public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    ec_pem = public_pem(ec.generate_private_key(ec.SECP256R1()))
+    env = {"SQUALL_TOKEN_RSA_PUBLIC_KEY": rsa_pem, "SQUALL_TOKEN_ECDSA_PUBLIC_KEY": ec_pem}
+    cfg = load(tmp_path, "", env)
+    assert cfg.token.rsa_public_key == rsa_pem
+    assert cfg.token.ecdsa_public_key == ec_pem
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("token.rsa_public_key", "not a pem"),
+        ("token.ecdsa_public_key", "not a pem"),
+        ("token.rsa_public_key", "EC"),  # an ECDSA key where RSA is expected
+        ("token.ecdsa_public_key", "RSA"),
+        ("token.ecdsa_public_key", "P-384"),  # ES256 needs the P-256 curve
+    ],
+)
+def test_unusable_public_key_is_refused_at_load(tmp_path, key, value):
+    """A public key that cannot verify tokens stops start-up, instead of failing every connect."""
+    pem = {
+        "EC": lambda: public_pem(ec.generate_private_key(ec.SECP256R1())),
+        "P-384": lambda: public_pem(ec.generate_private_key(ec.SECP384R1())),
+        "RSA": lambda: public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+    }.get(value, lambda: value)()
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), environ={}, overrides={key: pem})
+    assert str(info.value).startswith(key + ":"), info.value
+
+
+def test_unrelated_environment_is_ignored(tmp_path):
+    """Variables that are not documented overrides change nothing."""
+    cfg = load(tmp_path, "", {"SQUALL_CLIENT_MAX_CHANNELS": "1", "PORT": "1"})
+    assert cfg.client.max_channels == 128
+    assert cfg.server.port == 8000
+
+
+def test_overrides_win_over_environment(tmp_path):
+    """Command-line overrides (dotted keys) win over the environment."""
+    cfg = load_config(
+        write(tmp_path, "server: {port: 8000}"),
+        environ={"SQUALL_PORT": "9001"},
+        overrides={"server.port": 9003},
+    )
+    assert cfg.server.port == 9003
+
+
+def test_default_path_is_the_shipped_config():
+    """Without a path, load_config reads the config.yaml beside run.py."""
+    assert DEFAULT_CONFIG_PATH.name == "config.yaml"
+    assert load_config(environ={}) == load_config(DEFAULT_CONFIG_PATH, environ={})
+
+
+# ---------------------------------------------------------------------- the shipped config.yaml
+
+
+def test_shipped_config_loads_with_chat_namespace_as_documented():
+    """The shipped config.yaml defines `chat` exactly as the README describes it."""
+    cfg = load_config(DEFAULT_CONFIG_PATH, environ={})
+    chat = cfg.namespaces["chat"]
+    assert chat.allow_subscribe_for_client
+    assert chat.allow_publish_for_subscriber
+    assert not chat.allow_publish_for_client
+    assert chat.presence
+    assert chat.join_leave
+    assert chat.history_size == 100
+    assert chat.history_ttl == 300.0
+    assert chat.allow_recovery
+    assert chat.recoverable
+    assert cfg.channel_options("chat:lobby") is chat
+    assert cfg.channel.allow_subscribe_for_client
+    assert cfg.client.allow_anonymous_connect is False
+    assert cfg.client.allowed_origins == ()
+    assert cfg.server.port == 8000
+
+
+def test_channel_options_by_namespace(tmp_path):
+    """`ns:name` follows namespace ns, a name without ':' the channel section, else None."""
+    cfg = load(
+        tmp_path,
+        "channel: {presence: true}\nnamespaces:\n  chat: {history_size: 1, history_ttl: 1}\n",
+    )
+    assert cfg.channel_options("news") is cfg.channel
+    assert cfg.channel_options("chat:a:b") is cfg.namespaces["chat"]
+    assert cfg.channel_options("nope:a") is None
+    assert cfg.channel_options(":a") is None
+
+
+def test_config_is_immutable(tmp_path):
+    """Config is frozen: nothing can change it after load."""
+    cfg = load(tmp_path, "namespaces:\n  chat: {}\n")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        cfg.namespaces["other"] = cfg.channel  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------- errors name the key
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("client: {max_queue_bytes: 1MB}", "client.max_queue_bytes"),
+        ("client: {max_queue_bytes: -1}", "client.max_queue_bytes"),
+        ("client: {max_queue_bytes: 0}", "client.max_queue_bytes"),
+        ("client: {max_frame_bytes: 0}", "client.max_frame_bytes"),
+        ("client: {max_channels: 2.5}", "client.max_channels"),
+        ("client: {max_channels: true}", "client.max_channels"),
+        ("client: {max_channel_length: 0}", "client.max_channel_length"),
+        ("client: {max_commands_per_frame: 0}", "client.max_commands_per_frame"),
+        ("client: {connect_timeout: 0}", "client.connect_timeout"),
+        ("client: {ping_interval: fast}", "client.ping_interval"),
+        ("client: {pong_timeout: -1}", "client.pong_timeout"),
+        ("client: {allow_anonymous_connect: maybe}", "client.allow_anonymous_connect"),
+        ("client: {allow_anonymous_connect: 1}", "client.allow_anonymous_connect"),
+        ("client: {allowed_origins: '*'}", "client.allowed_origins"),
+        ("client: {allowed_origins: [1]}", "client.allowed_origins"),
+        ("client: {allowed_origins: ['app.example.com']}", "client.allowed_origins"),
+        ("client: {allowed_origins: ['https://a.example/path']}", "client.allowed_origins"),
+        ("client: {command_rate: 10, command_burst: 0}", "client.command_burst"),
+        ("client: {presence_ttl: 0}", "client.presence_ttl"),
+        ("server: {port: 0}", "server.port"),
+        ("server: {port: 70000}", "server.port"),
+        ("server: {port: '8000'}", "server.port"),
+        ("server: {host: [a]}", "server.host"),
+        ("api: {key: 12345}", "api.key"),
+        ("api: {max_body_bytes: 0}", "api.max_body_bytes"),
+        ("mongodb: {driver: mongoose}", "mongodb.driver"),
+        ("token: {leeway: soon}", "token.leeway"),
+        ("client: 5", "client"),
+        ("namespaces: [chat]", "namespaces"),
+    ],
+)
+def test_bad_value_raises_config_error_naming_the_key(tmp_path, text, key):
+    """A bad value stops start-up with one message that starts with the dotted key."""
+    message = config_error(tmp_path, text)
+    assert message.startswith(key + ":"), message
+
+
+def test_bad_value_message_shows_the_value(tmp_path):
+    """The message repeats the offending value so the operator can find it."""
+    message = config_error(tmp_path, "client: {max_queue_bytes: 1MB}")
+    assert "'1MB'" in message
+
+
+@pytest.mark.parametrize(
+    ("environ", "key"),
+    [
+        ({"SQUALL_PORT": "eighty"}, "server.port"),
+        ({"SQUALL_PORT": "70000"}, "server.port"),
+        ({"SQUALL_PORT": "-5"}, "server.port"),
+        ({"SQUALL_PORT": ""}, "server.port"),
+    ],
+)
+def test_bad_environment_value_names_the_key(tmp_path, environ, key):
+    """A bad SQUALL_* value is reported under the key it overrides."""
+    message = config_error(tmp_path, "", environ)
+    assert message.startswith(key + ":"), message
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("serverr: {}", "serverr"),
+        ("client: {max_queue: 10}", "client.max_queue"),
+        ("namespaces:\n  chat: {allow_publish: true}", "namespaces.chat.allow_publish"),
+        ("channel: {historysize: 1}", "channel.historysize"),
+    ],
+)
+def test_unknown_key_is_an_error(tmp_path, text, key):
+    """A typo never silently falls back to a default: the unknown key is named."""
+    message = config_error(tmp_path, text)
+    assert message == f"{key}: unknown key"
+
+
+@pytest.mark.parametrize("name", ["bad name", "a:b", "ü", "x/y"])
+def test_invalid_namespace_name(tmp_path, name):
+    """Namespace names are letters, digits, _ . - only (':' would make them unreachable)."""
+    message = config_error(tmp_path, f"namespaces:\n  '{name}': {{}}\n")
+    assert message.startswith(f"namespaces.{name}:"), message
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ("{history_size: 10}", "namespaces.ns.history_size"),
+        ("{history_ttl: 10}", "namespaces.ns.history_size"),
+        ("{force_recovery: true}", "namespaces.ns.force_recovery"),
+        (
+            "{history_size: 10, history_ttl: 10, allow_recovery: false, force_recovery: true}",
+            "namespaces.ns.force_recovery",
+        ),
+        ("{join_leave: true}", "namespaces.ns.join_leave"),
+        ("{persist: true}", "namespaces.ns.persist"),
+        ("{history_size: -1, history_ttl: 1}", "namespaces.ns.history_size"),
+        ("{presence: yes please}", "namespaces.ns.presence"),
+    ],
+)
+def test_inconsistent_namespace_options(tmp_path, options, key):
+    """Options that cannot work together are refused at load, naming the namespace option."""
+    message = config_error(tmp_path, f"namespaces:\n  ns: {options}\n")
+    assert message.startswith(key + ":"), message
+
+
+def test_top_level_channel_section_is_validated_too(tmp_path):
+    """The `channel` section (channels without a namespace) follows the same rules."""
+    message = config_error(tmp_path, "channel: {join_leave: true}")
+    assert message.startswith("channel.join_leave:"), message
+
+
+def test_valid_namespace_combinations_load(tmp_path):
+    """History, recovery, presence and persistence load when their requirements are met."""
+    cfg = load(
+        tmp_path,
+        """
+        namespaces:
+          a-b.c_d:
+            presence: true
+            join_leave: true
+            history_size: 10
+            history_ttl: 60
+            force_recovery: true
+            persist: true
+        """,
+    )
+    opts = cfg.namespaces["a-b.c_d"]
+    assert opts.recoverable
+    assert opts.force_recovery
+    assert opts.persist
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    """A config path that does not exist is reported as a configuration error."""
+    with pytest.raises(ConfigError, match="config file"):
+        load_config(tmp_path / "nope.yaml", environ={})
+
+
+@pytest.mark.parametrize("text", ["server: [", "- a\n- b\n", "just a string"])
+def test_unparsable_or_non_mapping_yaml(tmp_path, text):
+    """Broken YAML or a top level that is not a mapping is a configuration error."""
+    with pytest.raises(ConfigError, match="config file"):
+        load(tmp_path, text)
+
+
+def test_config_from_dict_validates_like_load_config():
+    """Building from plain data applies the same validation."""
+    with pytest.raises(ConfigError, match=r"^client\.max_channels:"):
+        config_from_dict({"client": {"max_channels": 0}})
+    assert config_from_dict({}).client == ClientConfig()

@@ -1,0 +1,140 @@
+"""``run.py`` as a user runs it: start-up, health, SIGTERM drain, bad config, CLI tokens, env."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jwt
+import orjson
+import pytest
+import tornado.websocket
+import yaml
+
+from tests.helpers.process import ProcessGroup, SquallProcess, http_get, run_cli
+from tests.helpers.server import SECRET, RawClient, token
+from tests.helpers.services import free_port
+
+EXIT_DEADLINE = 5.0  # seconds beyond server.shutdown_timeout that an exit may take
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
+    """Factory of ``SquallProcess``es; every one still running is stopped at teardown."""
+    group = ProcessGroup(tmp_path)
+    yield group
+    group.close()
+
+
+async def raw_connect(proc: SquallProcess, **params: object) -> RawClient:
+    ws = await tornado.websocket.websocket_connect(proc.ws_url)
+    client = RawClient(ws)
+    await client.connect(**params)
+    return client
+
+
+def test_run_py_starts_and_is_healthy_and_ready(procs):
+    """`python run.py --config X --port N` serves /health and /ready with 200, and exits 0."""
+    proc = procs().start()
+    proc.wait_ready()
+    assert proc.health("/health") == 200
+    status, body = http_get(f"{proc.http_url}/ready")
+    assert status == 200, body
+    assert orjson.loads(body)["ready"] is True
+    assert proc.stop(timeout=10) == 0
+    assert f"listening on http://127.0.0.1:{proc.port}" in proc.log_text()
+
+
+async def test_sigterm_closes_clients_with_3001_and_exits_0(procs):
+    """On SIGTERM a connected client is closed with 3001 and the process exits 0 in time."""
+    proc = procs(overrides={"server.shutdown_timeout": 5}).start()
+    await proc.wait_ready_async()
+    client = await raw_connect(proc, token=token("alice"))
+    reply = await client.command("subscribe", {"channel": "chat:a"})
+    assert "subscribe" in reply, reply
+
+    started = time.monotonic()
+    proc.terminate()
+    try:
+        code, reason = await client.closed(within=5)
+    finally:
+        client.close()
+    assert (code, reason) == (3001, "shutdown")
+    exit_code = await proc.wait_async(5 + EXIT_DEADLINE)
+    assert exit_code == 0, proc.log_tail()
+    assert time.monotonic() - started < 5 + EXIT_DEADLINE
+    assert "stopped" in proc.log_text()
+
+
+def test_invalid_config_exits_2_with_one_line_naming_the_key(tmp_path):
+    """A config with client.max_queue_bytes: "1MB" makes run.py exit 2 with one line naming it."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"client": {"max_queue_bytes": "1MB"}}), encoding="utf-8")
+    result = run_cli(["--config", str(path), "--port", str(free_port())], timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "client.max_queue_bytes" in lines[0]
+    assert "1MB" in lines[0]
+    assert result.stdout == ""
+
+
+async def test_token_command_prints_tokens_the_server_accepts(procs):
+    """`run.py token --sub alice --ttl 60` (and `--channel`) print JWTs the server accepts."""
+    proc = procs().start()
+    await proc.wait_ready_async()
+    env = {"SQUALL_TOKEN_HMAC_SECRET": SECRET}
+
+    # As in the README: the default config, the secret from the environment.
+    result = await asyncio.to_thread(run_cli, ["token", "--sub", "alice", "--ttl", "60"], env=env)
+    assert result.returncode == 0, result.stderr
+    conn_token = result.stdout.strip()
+    assert len(result.stdout.splitlines()) == 1
+    claims = jwt.decode(conn_token, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice"
+    assert 50 <= claims["exp"] - time.time() <= 61
+
+    # With the server's own config file.
+    args = [
+        "--config",
+        str(proc.config_path),
+        "token",
+        "--sub",
+        "alice",
+        "--channel",
+        "private:room",
+    ]
+    result = await asyncio.to_thread(run_cli, args)
+    assert result.returncode == 0, result.stderr
+    chan_token = result.stdout.strip()
+
+    client = await raw_connect(proc, token=conn_token)
+    try:
+        reply = await client.command("presence_stats", {"channel": "chat:x"})
+        assert reply["error"]["code"] == 103  # connected as alice, not subscribed
+        reply = await client.command("subscribe", {"channel": "private:room", "token": chan_token})
+        assert "subscribe" in reply, reply
+        reply = await client.command("subscribe", {"channel": "private:other", "token": chan_token})
+        assert reply["error"]["code"] == 103
+    finally:
+        client.close()
+
+
+def test_squall_port_env_overrides_the_config_port(procs):
+    """SQUALL_PORT wins over server.port from the config file."""
+    env_port, file_port = free_port(), free_port()
+    proc = procs(
+        port=env_port,
+        port_flag=False,
+        overrides={"server.port": file_port},
+        env={"SQUALL_PORT": str(env_port)},
+    ).start()
+    proc.wait_ready()
+    assert proc.health() == 200
+    assert http_get(f"http://127.0.0.1:{file_port}/health")[0] is None
+    status, body = http_get(f"{proc.http_url}/health")
+    assert status == 200
+    assert orjson.loads(body)["status"] == "ok"
+    assert proc.stop() == 0
