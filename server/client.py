@@ -19,16 +19,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
 from server import __version__, codes
-from server.auth import Credentials, TokenError, TokenVerifier
+from server.auth import Credentials, TokenError, TokenVerifier, claim_globs_match
 from server.broker import ClientInfo, Publication, StreamPosition
-from server.config import ChannelOptions
+from server.config import ChannelOptions, Config
 from server.errors import ClientError, DisconnectError
 from server.protocol import (
     Command,
@@ -87,10 +88,73 @@ class State(enum.IntEnum):
     CLOSED = 2
 
 
+class Throttle:
+    """Conflated delivery for one subscription: at most ``max_rate`` publications per second.
+
+    Asked for with subscribe data ``{"max_rate": N}``. A publication after a
+    quiet interval goes out at once; publications within the interval replace
+    each other and the latest goes out when the interval ends. So a slow
+    dashboard gets the newest value of each interval, never a backlog. One
+    timer per throttled subscription, armed only while a publication waits;
+    the hub routes only channels that have a throttled subscriber through
+    this (``Hub._fan_out_throttled``).
+    """
+
+    __slots__ = ("_client", "_interval", "_last", "_latest", "_timer")
+
+    def __init__(self, client: Client, max_rate: float) -> None:
+        self._client = client
+        self._interval = 1.0 / max_rate
+        self._last = -math.inf  # loop time of the last delivery
+        self._latest: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def offer(self, frame: bytes) -> None:
+        if self._timer is not None:
+            self._latest = frame  # conflate: the waiting one is superseded
+            return
+        loop = self._client._loop
+        now = loop.time()
+        due = self._last + self._interval
+        if now >= due:
+            self._send(frame, now)
+        else:
+            self._latest = frame
+            self._timer = loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        frame, self._latest = self._latest, None
+        if frame is not None:
+            self._send(frame, self._client._loop.time())
+
+    def _send(self, frame: bytes, now: float) -> None:
+        self._last = now
+        self._client._hub.metrics.deliveries += 1
+        self._client.enqueue(frame)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._latest = None
+
+
 class Subscription:
     """One channel a client is subscribed to."""
 
-    __slots__ = ("channel", "exp", "info", "live", "opts", "pending", "recoverable", "server_side")
+    __slots__ = (
+        "channel",
+        "exp",
+        "info",
+        "join_leave",
+        "live",
+        "opts",
+        "pending",
+        "recoverable",
+        "server_side",
+        "throttle",
+    )
 
     def __init__(
         self,
@@ -101,6 +165,7 @@ class Subscription:
         recoverable: bool,
         exp: int,
         server_side: bool,
+        throttle: Throttle | None = None,
     ) -> None:
         self.channel = channel
         self.opts = opts
@@ -108,6 +173,8 @@ class Subscription:
         self.recoverable = recoverable
         self.exp = exp
         self.server_side = server_side
+        self.throttle = throttle  # conflated delivery (subscribe data max_rate), else None
+        self.join_leave = False  # receives join/leave pushes
         self.live = False
         # Publications that arrive before the subscribe reply is queued.
         self.pending: list[Publication] | None = []
@@ -135,6 +202,7 @@ class Client:
         "_stale_timer",
         "_sub_timers",
         "_verifier",
+        "claims",
         "exp",
         "id",
         "info",
@@ -155,6 +223,7 @@ class Client:
         self.user = ""
         self.info: bytes | None = None
         self.meta: dict[str, Any] = {}
+        self.claims: dict[str, Any] = {}  # every claim of the connection token
         self.exp = 0
         self.subs: dict[str, Subscription] = {}
         self._closed = False
@@ -171,6 +240,7 @@ class Client:
         self._stale_timer: asyncio.TimerHandle | None = self._loop.call_later(
             cfg.connect_timeout, self._stale
         )
+        hub.connecting.add(self)
 
     def __repr__(self) -> str:
         return f"<Client {self.id} user={self.user!r} {self.state.name}>"
@@ -251,6 +321,7 @@ class Client:
             self.transport.remote,
             f" detail={detail}" if detail else "",
         )
+        self._hub.connecting.discard(self)
         self._hub.remove_client(self)
 
     @property
@@ -317,7 +388,14 @@ class Client:
         try:
             result = await getattr(self, "_cmd_" + method)(cmd.params)
         except ClientError as exc:
-            log.debug("command %s failed client=%s: %s", method, self.id, exc.message)
+            log.info(
+                "command %s failed code=%d client=%s user=%s: %s",
+                method,
+                exc.error.code,
+                self.id,
+                self.user,
+                exc.message,
+            )
             self.enqueue(encode_error(cmd.id, exc.to_dict()))
         except DisconnectError as exc:
             self.disconnect(exc.disconnect, exc.detail)
@@ -360,6 +438,8 @@ class Client:
 
     async def _cmd_connect(self, p: Mapping[str, Any]) -> Result:
         cfg = self._hub.config.client
+        if self._hub.closing:
+            raise DisconnectError(codes.SHUTDOWN, "connect during shutdown")
         token = p.get("token") or ""
         if not isinstance(token, str):
             raise DisconnectError(codes.BAD_REQUEST_DISCONNECT, "token must be a string")
@@ -380,7 +460,9 @@ class Client:
         if self._closed:
             return None
         self.user, self.exp, self.info, self.meta = creds.user, creds.exp, creds.info, creds.meta
+        self.claims = creds.claims
         self.state = State.CONNECTED
+        self._hub.connecting.discard(self)
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None
@@ -434,6 +516,7 @@ class Client:
         if creds.user != self.user:
             raise DisconnectError(codes.INVALID_TOKEN, "refresh token is for another user")
         self.exp, self.info = creds.exp, creds.info
+        self.claims = creds.claims
         self._schedule_expiry()
         return {"client": self.id, "version": __version__, **self._ttl(self.exp)}
 
@@ -530,9 +613,12 @@ class Client:
         elif opts.private:
             raise ClientError(codes.PERMISSION_DENIED, "channel token required")
         elif not (
-            opts.allow_subscribe_for_anonymous
-            if self.user == ""
-            else opts.allow_subscribe_for_client
+            (
+                opts.allow_subscribe_for_anonymous
+                if self.user == ""
+                else opts.allow_subscribe_for_client
+            )
+            or claim_globs_match(self.claims, opts.subscribe_claim, Config.channel_name(channel))
         ):
             raise ClientError(codes.PERMISSION_DENIED)
         return await self._subscribe(channel, opts, p, chan_info, exp, server_side=False)
@@ -554,8 +640,22 @@ class Client:
             or bool(req.get("recover"))
         )
         info = ClientInfo(self.user, self.id, self.info, chan_info)
+        max_rate = _max_rate(req)
+        if max_rate is not None and recoverable:
+            raise _bad_request("max_rate cannot be combined with recovery")
         sub = Subscription(
-            channel, opts, info, recoverable=recoverable, exp=exp, server_side=server_side
+            channel,
+            opts,
+            info,
+            recoverable=recoverable,
+            exp=exp,
+            server_side=server_side,
+            throttle=None if max_rate is None else Throttle(self, max_rate),
+        )
+        # Join/leave pushes go to subscribers that ask (the SDKs' join_leave
+        # option) unless the namespace forces them, as in Centrifugo.
+        sub.join_leave = opts.join_leave and (
+            server_side or opts.force_push_join_leave or bool(req.get("join_leave"))
         )
         self.subs[channel] = sub
         result: dict[str, Any] = {}
@@ -566,6 +666,10 @@ class Client:
                 if req.get("recover"):
                     since = _position(req)
                     pubs, position, recovered = await self._hub.recover(channel, opts, since)
+                    if not recovered and _flags(req) & SUB_FLAG_REJECT_UNRECOVERED:
+                        # The SDK asked for 112 instead of recovered=false: it reloads
+                        # its state (get_state) and resubscribes from the new position.
+                        raise ClientError(codes.UNRECOVERABLE_POSITION)
                     result["was_recovering"] = True
                     result["recovered"] = recovered
                     if pubs:
@@ -597,22 +701,34 @@ class Client:
                     self.server_unsubscribe(channel, codes.UNSUBSCRIBE_INSUFFICIENT)
                     return
                 if not pub.offset or pub.offset > last:
-                    self.enqueue(encode_push(channel, "pub", pub_to_dict(pub)))
+                    frame = encode_push(channel, "pub", pub_to_dict(pub))
+                    if sub.throttle is not None:
+                        sub.throttle.offer(frame)
+                    else:
+                        self.enqueue(frame)
             self._hub.went_live(sub, position)
             if sub.exp:
                 self._schedule_sub_expiry(sub)
 
         return result, activate
 
-    async def server_subscribe(self, channel: str) -> None:
-        """Server API ``subscribe``: subscribe this connection and push ``subscribe``."""
+    async def server_subscribe(
+        self, channel: str, *, data: str | None = None, info: str | None = None
+    ) -> None:
+        """Server API ``subscribe``: subscribe this connection and push ``subscribe``.
+
+        ``data`` (JSON text) goes into the push; ``info`` (JSON text) is the channel info.
+        """
         opts = self._hub.config.channel_options(channel)
         if opts is None or channel in self.subs or self._closed:
             return
-        reply, after = await self._subscribe(channel, opts, {}, None, 0, server_side=True)
+        chan_info = None if info is None else info.encode()
+        reply, after = await self._subscribe(channel, opts, {}, chan_info, 0, server_side=True)
         push = {
             k: v for k, v in reply.items() if k in ("recoverable", "epoch", "offset", "positioned")
         }
+        if data is not None:
+            push["data"] = orjson.Fragment(data.encode())
         self.enqueue(encode_push(channel, "subscribe", push))
         after()
 
@@ -673,7 +789,21 @@ class Client:
             )
         if not allowed:
             raise ClientError(codes.PERMISSION_DENIED)
+        if opts.publish_own_channel_only and (
+            self.user == "" or Config.channel_name(channel) != self.user
+        ):
+            raise ClientError(codes.PERMISSION_DENIED, "may publish only to its own channel")
         info = sub.info if sub is not None else ClientInfo(self.user, self.id, self.info)
+        if opts.telemetry:
+            await self._hub.telemetry_ingest.ingest(
+                Config.channel_name(channel),
+                self.claims,
+                p["data"],
+                channel=channel,
+                opts=opts,
+                info=info,
+            )
+            return {}
         await self._hub.publish(channel, orjson.dumps(p["data"]), opts, info=info)
         return {}
 
@@ -695,13 +825,17 @@ class Client:
         since = p.get("since")
         if since is not None and not isinstance(since, dict):
             raise _bad_request("since must be an object")
+        position = _position(since) if since else None
         page = await self._hub.history(
             channel,
             opts,
-            since=_position(since) if since else None,
+            since=position,
             limit=None if limit < 0 else limit,
             reverse=bool(p.get("reverse")),
         )
+        if position is not None and position.epoch and position.epoch != page.position.epoch:
+            # Centrifugo's answer: an empty page would look like "nothing missed".
+            raise ClientError(codes.UNRECOVERABLE_POSITION)
         return {
             "publications": [pub_to_dict(pub) for pub in page.publications],
             "epoch": page.position.epoch,
@@ -755,3 +889,33 @@ def _position(req: Mapping[str, Any]) -> StreamPosition:
     if not isinstance(epoch, str):
         raise _bad_request("epoch must be a string")
     return StreamPosition(offset, epoch)
+
+
+# SubscribeRequest.flag bits (client.proto): 1 asks for channel compaction (not
+# supported: ignored, pushes keep the channel name); 2 asks for error 112
+# instead of a reply with recovered=false (centrifuge SDKs' get_state).
+SUB_FLAG_REJECT_UNRECOVERED: Final = 2
+
+
+def _flags(req: Mapping[str, Any]) -> int:
+    flag = req.get("flag", 0)
+    return flag if isinstance(flag, int) and not isinstance(flag, bool) else 0
+
+
+MAX_RATE_LIMIT: Final = 1000.0  # largest max_rate a subscription may ask for (per second)
+
+
+def _max_rate(req: Mapping[str, Any]) -> float | None:
+    """``max_rate`` from the subscribe request's ``data`` object, if it asks for one."""
+    data = req.get("data")
+    if not isinstance(data, dict) or "max_rate" not in data:
+        return None
+    rate = data["max_rate"]
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float)
+        or not math.isfinite(rate)
+        or not 0 < rate <= MAX_RATE_LIMIT
+    ):
+        raise _bad_request(f"max_rate must be a number in (0, {MAX_RATE_LIMIT:g}]")
+    return float(rate)

@@ -9,6 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 from server.broker import Broker, PresenceManager
 from server.config import Config
 from server.store import Store
+from server.telemetry_store import TelemetryStore
 
 log = logging.getLogger("squall.engines")
 
@@ -18,6 +19,7 @@ class Engines:
     broker: Broker
     presence: PresenceManager
     store: Store
+    telemetry: TelemetryStore
 
 
 def redact(url: str) -> str:
@@ -35,6 +37,7 @@ def make_engines(config: Config, *, node_id: str) -> Engines:
     broker: Broker
     presence: PresenceManager
     store: Store
+    telemetry: TelemetryStore
     if config.redis.url:
         from server.broker_redis import RedisBroker  # optional engine, imported on demand
 
@@ -48,8 +51,10 @@ def make_engines(config: Config, *, node_id: str) -> Engines:
         log.info("broker: memory (single process)")
     if config.mongodb.url:
         from server.store_mongo import MongoStore  # optional engine, imported on demand
+        from server.telemetry_mongo import MongoTelemetryStore
 
         store = MongoStore(config.mongodb)
+        telemetry = MongoTelemetryStore(config.mongodb, config.telemetry)
         log.info(
             "store: mongodb %s database=%s driver=%s",
             redact(config.mongodb.url),
@@ -58,7 +63,9 @@ def make_engines(config: Config, *, node_id: str) -> Engines:
         )
     else:
         from server.store_memory import MemoryStore
+        from server.telemetry_memory import MemoryTelemetryStore
 
         store = MemoryStore()
+        telemetry = MemoryTelemetryStore(config.telemetry)
         log.info("store: memory (not durable)")
-    return Engines(broker, presence, store)
+    return Engines(broker, presence, store, telemetry)

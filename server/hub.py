@@ -25,6 +25,20 @@ Subscribe/recover race
     and the history read; publications that arrive meanwhile are buffered and
     after the subscribe reply only those above the returned position are
     delivered. Recovery therefore never duplicates or skips.
+
+Throttled subscriptions
+    A subscription may ask for at most N publications per second (subscribe
+    data ``{"max_rate": N}``); it then gets the latest publication of each
+    interval, never a backlog (``client.Throttle``, one timer per throttled
+    subscription). A channel counts its throttled subscribers; only channels
+    with at least one take the slower fan-out loop, so the loop for ordinary
+    subscribers stays as it is.
+
+Telemetry
+    ``hub.telemetry`` is the telemetry store engine and
+    ``hub.telemetry_ingest`` the ingest both the WebSocket publish and
+    ``POST /api/telemetry`` go through (``server.telemetry``); it publishes
+    accepted points with ``Hub.publish``.
 """
 
 from __future__ import annotations
@@ -57,6 +71,8 @@ from server.metrics import Metrics
 from server.protocol import encode_push, pub_to_dict
 from server.protocol.codec import info_to_dict
 from server.store import PersistOptions, Store
+from server.telemetry import TelemetryIngest
+from server.telemetry_store import TelemetryStore
 
 if TYPE_CHECKING:
     from server.client import Client, FrameCache, Subscription
@@ -65,8 +81,7 @@ log = logging.getLogger("squall.hub")
 
 MAX_RECOVERY: Final = 10_000  # publications one recovery may return
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
-NODE_HEARTBEAT: Final = 5.0  # seconds between node info broadcasts
-NODE_EXPIRY: Final = 20.0  # seconds without heartbeat before a node leaves `info`
+LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
 
 RpcHandler = Callable[["Client", bytes], Coroutine[Any, Any, bytes]]
 MessageHandler = Callable[["Client", bytes], None]
@@ -75,12 +90,13 @@ MessageHandler = Callable[["Client", bytes], None]
 class ChannelSubs:
     """Local subscribers of one channel, and the channel's delivered position."""
 
-    __slots__ = ("position", "ready", "subs")
+    __slots__ = ("position", "ready", "subs", "throttled")
 
     def __init__(self) -> None:
         self.subs: dict[Client, Subscription] = {}
         self.position: StreamPosition | None = None
         self.ready: asyncio.Future[None] | None = None  # broker subscription established
+        self.throttled = 0  # subscriptions in ``subs`` with a max_rate (conflated delivery)
 
 
 class Hub:
@@ -94,17 +110,25 @@ class Hub:
         store: Store,
         *,
         node_id: str = "",
+        telemetry: TelemetryStore | None = None,
     ) -> None:
         self.config = config
         self.broker = broker
         self.presence_manager = presence
         self.store = store
+        if telemetry is None:
+            from server.telemetry_memory import MemoryTelemetryStore
+
+            telemetry = MemoryTelemetryStore(config.telemetry)
+        self.telemetry = telemetry
+        self.telemetry_ingest = TelemetryIngest(config.telemetry, telemetry, self.publish)
         self.metrics = Metrics()
         self.node = NodeInfo(
             uid=node_id or uuid.uuid4().hex, name=config.node_name, version=__version__
         )
         self.started_at = time.monotonic()
-        self.clients: dict[str, Client] = {}
+        self.clients: dict[str, Client] = {}  # connected (after a successful connect)
+        self.connecting: set[Client] = set()  # open connections that have not connected yet
         self.users: dict[str, set[Client]] = {}
         self.channels: dict[str, ChannelSubs] = {}
         self.rpc_handlers: dict[str, RpcHandler] = {}
@@ -118,6 +142,7 @@ class Hub:
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained = asyncio.Event()
+        self._local_only_logged_at = -LOCAL_ONLY_LOG_INTERVAL  # see publish()
         self._register_builtin_rpc()
         self._register_gauges()
 
@@ -126,6 +151,7 @@ class Hub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self.store.start()
+        await self.telemetry.start()
         await self.broker.start(self)
         interval = self.config.client.presence_interval
         if interval > 0:
@@ -140,12 +166,15 @@ class Hub:
             try:
                 await task
             except asyncio.CancelledError:
-                pass
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # close() itself was cancelled
         self._loops.clear()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
         await self.broker.close()
         await self.store.close()
+        await self.telemetry.close()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run an engine call in the background; log (never raise) its failure."""
@@ -214,6 +243,8 @@ class Hub:
         if chan is None:
             chan = self.channels[channel] = ChannelSubs()
         chan.subs[client] = sub
+        if sub.throttle is not None:
+            chan.throttled += 1
         if chan.ready is None:
             chan.ready = asyncio.ensure_future(self.broker.subscribe(channel))
         try:
@@ -241,7 +272,10 @@ class Hub:
         chan = self.channels.get(channel)
         if chan is None:
             return
-        chan.subs.pop(client, None)
+        sub = chan.subs.pop(client, None)
+        if sub is not None and sub.throttle is not None:
+            sub.throttle.cancel()
+            chan.throttled -= 1
         if not chan.subs:
             del self.channels[channel]
             ready = chan.ready
@@ -289,6 +323,9 @@ class Hub:
                     return
             chan.position = StreamPosition(pub.offset, pub.epoch)
         frame = encode_push(channel, "pub", pub_to_dict(pub))
+        if chan.throttled:
+            self._fan_out_throttled(chan, pub, frame)
+            return
         n = 0
         for client, sub in chan.subs.items():
             if sub.pending is None:
@@ -298,11 +335,29 @@ class Hub:
                 sub.pending.append(pub)
         self.metrics.deliveries += n
 
+    def _fan_out_throttled(self, chan: ChannelSubs, pub: Publication, frame: bytes) -> None:
+        """The fan-out loop for channels with a ``max_rate`` subscriber (kept off the fast path).
+
+        A throttled subscription hands the frame to its ``Throttle``, which
+        conflates: it delivers at most one publication per interval, always the
+        latest one, never a backlog.
+        """
+        n = 0
+        for client, sub in chan.subs.items():
+            if sub.pending is not None:
+                sub.pending.append(pub)
+            elif sub.throttle is not None:
+                sub.throttle.offer(frame)
+            else:
+                client.enqueue(frame)
+                n += 1
+        self.metrics.deliveries += n
+
     def on_join(self, channel: str, info: ClientInfo) -> None:
-        self._push_all(channel, encode_push(channel, "join", {"info": info_to_dict(info)}))
+        self._push_join_leave(channel, "join", info)
 
     def on_leave(self, channel: str, info: ClientInfo) -> None:
-        self._push_all(channel, encode_push(channel, "leave", {"info": info_to_dict(info)}))
+        self._push_join_leave(channel, "leave", info)
 
     def on_gap(self, channels: Collection[str]) -> None:
         for channel in channels:
@@ -325,14 +380,20 @@ class Hub:
         targets = self._control_targets(msg)
         if kind == "disconnect":
             d = codes.Disconnect(int(msg.get("code", 3503)), str(msg.get("reason", "")))
+            keep = msg.get("whitelist") or ()
             for client in targets:
-                client.disconnect(d)
+                if client.id not in keep:
+                    client.disconnect(d)
         elif kind == "unsubscribe":
             for client in targets:
                 client.server_unsubscribe(msg["channel"], codes.UNSUBSCRIBE_SERVER)
         elif kind == "subscribe":
+            sub_data, sub_info = msg.get("data"), msg.get("info")  # JSON text or None
             for client in targets:
-                self.spawn(client.server_subscribe(msg["channel"]), "server subscribe")
+                self.spawn(
+                    client.server_subscribe(msg["channel"], data=sub_data, info=sub_info),
+                    "server subscribe",
+                )
         elif kind == "refresh":
             for client in targets:
                 client.server_refresh(bool(msg.get("expired")), int(msg.get("expire_at", 0)))
@@ -351,12 +412,13 @@ class Hub:
         conns = self.users.get(user, ())
         return [c for c in conns if not client_id or c.id == client_id]
 
-    def _push_all(self, channel: str, frame: bytes) -> None:
+    def _push_join_leave(self, channel: str, kind: str, info: ClientInfo) -> None:
         chan = self.channels.get(channel)
         if chan is None:
             return
+        frame = encode_push(channel, kind, {"info": info_to_dict(info)})
         for client, sub in chan.subs.items():
-            if sub.pending is None:
+            if sub.pending is None and sub.join_leave:
                 client.enqueue(frame)
 
     def _insufficient(self, channel: str, chan: ChannelSubs) -> None:
@@ -380,6 +442,14 @@ class Hub:
     ) -> StreamPosition:
         """Publish through the broker (and the store for persistent namespaces).
 
+        While the broker's pub/sub link is down (Redis unreachable), a channel
+        without history (and a publish without an idempotency key) is delivered
+        to this node's subscribers only and the publish succeeds with offset 0:
+        such channels promise no positions, and other nodes cannot be reached
+        anyway. Channels with history are refused (temporary error 100): no
+        offset can be assigned, and a locally invented one would collide with
+        the stream's real offsets after Redis returns.
+
         Raises:
             ClientError: the engines refused (unavailable, store full).
         """
@@ -392,8 +462,11 @@ class Hub:
         try:
             position = await self.broker.publish(channel, data, popts)
         except EngineError as exc:
-            log.warning("publish to %s failed: %s", channel, exc)
-            raise ClientError(codes.INTERNAL) from None
+            if opts.history_enabled or opts.persist or idempotency_key or self._broker_linked():
+                log.warning("publish to %s failed: %s", channel, exc)
+                raise ClientError(codes.INTERNAL) from None
+            self._publish_locally(channel, data, popts, exc)
+            return StreamPosition(0, "")
         self.metrics.publications += 1
         if opts.persist and position.offset:
             pub = Publication(
@@ -409,6 +482,32 @@ class Hub:
                 log.warning("store append to %s failed: %s", channel, exc)
                 raise ClientError(codes.STORE_UNAVAILABLE) from None
         return position
+
+    def _broker_linked(self) -> bool:
+        """False only when the broker reports its pub/sub link down (``RedisBroker``).
+
+        With the link up, a failed publish may still have reached Redis (a
+        timeout), and would then come back through the link: delivering it
+        locally as well could deliver it twice, so it is refused instead.
+        """
+        is_connected = getattr(self.broker, "is_connected", None)
+        return not callable(is_connected) or bool(is_connected())
+
+    def _publish_locally(
+        self, channel: str, data: bytes, popts: PublishOptions, exc: EngineError
+    ) -> None:
+        """Deliver a history-less publication to this node's subscribers only (broker down)."""
+        now = time.monotonic()
+        if now - self._local_only_logged_at >= LOCAL_ONLY_LOG_INTERVAL:
+            self._local_only_logged_at = now
+            log.warning(
+                "broker unreachable (%s): publications to channels without history "
+                "reach this node's subscribers only",
+                exc,
+            )
+        self.metrics.publications += 1
+        pub = Publication(0, "", data, popts.info, int(time.time() * 1000), popts.tags)
+        self.on_publication(channel, pub)
 
     async def _restore(self, channel: str) -> None:
         """Continue a persistent channel's offsets from the store (once per process)."""
@@ -556,7 +655,7 @@ class Hub:
         others = [
             info
             for uid, (info, seen) in self._nodes.items()
-            if uid != me.uid and seen + NODE_EXPIRY > now
+            if uid != me.uid and seen + self.config.server.node_expiry > now
         ]
         return [me, *others]
 
@@ -579,9 +678,10 @@ class Hub:
             except ClientError:
                 pass  # the broker logged it; the next beat retries
             now = time.monotonic()
-            for uid in [u for u, (_, seen) in self._nodes.items() if seen + NODE_EXPIRY <= now]:
+            expiry = self.config.server.node_expiry
+            for uid in [u for u, (_, seen) in self._nodes.items() if seen + expiry <= now]:
                 del self._nodes[uid]
-            await asyncio.sleep(NODE_HEARTBEAT)
+            await asyncio.sleep(self.config.server.node_heartbeat_interval)
 
     # ------------------------------------------------------------------ rpc / send
 
@@ -619,11 +719,17 @@ class Hub:
             "Publications accepted but not yet durable.",
             lambda: self.store.status().queue_depth,
         )
+        m.gauge(
+            "squall_telemetry_queue_depth",
+            "Telemetry points accepted but not yet written.",
+            lambda: self.telemetry.status().queue_depth,
+        )
 
     # ------------------------------------------------------------------ shutdown
 
     def disconnect_all(self, d: codes.Disconnect) -> None:
-        for client in list(self.clients.values()):
+        """Close every connection, connected or still connecting, with ``d``."""
+        for client in [*self.clients.values(), *self.connecting]:
             client.disconnect(d)
 
     async def wait_drained(self) -> None:

@@ -1,0 +1,295 @@
+"""Telemetry over HTTP: device ingest and the dashboards' query API.
+
+``POST /api/telemetry`` (device token: ``Authorization: Bearer <token>`` with
+claim ``"device": true``)
+    Body: one point or a list of points (``server.telemetry``). The points go
+    through the same ingest as a WebSocket publish: live subscribers of
+    ``<telemetry.namespace>:<sub>`` get them at once and they are stored.
+    202 ``{"accepted": n, "rejected": [{"index": i, "reason": "..."}]}``.
+    400 invalid JSON, an empty or oversized list, or no valid point (the
+    body then still lists every ``rejected`` point); 401 missing, invalid or
+    expired token; 403 not a device token; 404 the telemetry namespace is
+    not configured; 413 body over ``api.max_body_bytes``; 429 over the
+    device's rate (``Retry-After`` in seconds); 503 the store cannot take
+    points now.
+
+``GET /api/devices`` (dashboard token: the namespace's ``subscribe_claim``,
+``devices`` by default, a list of device-id globs)
+    ``{"devices": [{"id", "last_seen" (ms), "online", "last_values"}]}``,
+    only devices the claim matches, sorted by id. ``online``: seen within
+    ``telemetry.online_timeout``.
+
+``GET /api/devices/<id>/telemetry?metric=M&from=MS&to=MS&step=MS``
+    ``{"device", "metric", "from", "to", "step", "points": [{"t", "min",
+    "max", "avg", "count"}]}``: ``metric`` downsampled over ``[from, to)`` in
+    steps aligned to multiples of ``step`` since the epoch; only steps with
+    points appear. Defaults: ``to`` now, ``from`` one hour before ``to``,
+    ``step`` about 1/300 of the range (at least one second). 400 for a bad
+    parameter or more than ``telemetry.max_query_steps`` steps; 403 when the
+    claim does not match the device.
+
+Error bodies are ``{"error": {"code", "message"}}`` with the client error
+codes (101, 103, 107, 111, 1001, ...). Tokens are never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Final
+
+import orjson
+import tornado.web
+
+from server import codes
+from server.auth import Credentials, TokenError, TokenVerifier, claim_globs_match
+from server.broker import ClientInfo
+from server.config import ChannelOptions
+from server.errors import ClientError, EngineError
+from server.hub import Hub
+from server.telemetry import (
+    DEFAULT_DEVICES_CLAIM,
+    METRIC_NAME_RE,
+    InvalidFrame,
+    RateLimited,
+    is_device,
+)
+from server.telemetry_store import step_count
+
+log = logging.getLogger("squall.api.telemetry")
+
+DEFAULT_RANGE_MS: Final = 3_600_000  # a query without ``from`` covers the hour before ``to``
+DEFAULT_STEPS: Final = 300  # a query without ``step`` asks for about this many steps
+MIN_DEFAULT_STEP_MS: Final = 1000
+
+STATUS_FOR_CODE: Final = {
+    codes.UNAUTHORIZED.code: 401,
+    codes.UNKNOWN_CHANNEL.code: 404,
+    codes.PERMISSION_DENIED.code: 403,
+    codes.BAD_REQUEST.code: 400,
+    codes.LIMIT_EXCEEDED.code: 413,
+    codes.TOO_MANY_REQUESTS.code: 429,
+    codes.STORE_UNAVAILABLE.code: 503,
+    codes.INTERNAL.code: 503,
+}
+
+
+class Refused(Exception):
+    """Answer the request with this client error (status from ``STATUS_FOR_CODE``)."""
+
+    def __init__(self, error: codes.ErrorCode, message: str | None = None) -> None:
+        super().__init__(message or error.message)
+        self.error = error
+        self.message = message or error.message
+
+
+class TelemetryHandler(tornado.web.RequestHandler):
+    """Bearer-token auth and JSON replies shared by the telemetry endpoints."""
+
+    def initialize(self, hub: Hub, verifier: TokenVerifier) -> None:
+        self.hub = hub
+        self.verifier = verifier
+
+    def check_xsrf_cookie(self) -> None:
+        return None
+
+    async def reply(self, status: int, body: Any) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        await self.finish(orjson.dumps(body))
+
+    async def refuse(self, exc: Refused | ClientError, **extra: Any) -> None:
+        code = exc.error.code
+        body = {"error": exc.error.to_dict(exc.message), **extra}
+        await self.reply(STATUS_FOR_CODE.get(code, 400), body)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        error = codes.INTERNAL if status_code >= 500 else codes.BAD_REQUEST
+        self.set_header("Content-Type", "application/json")
+        _ = self.finish(orjson.dumps({"error": error.to_dict(self._reason)}))
+
+    def credentials(self) -> Credentials:
+        """The verified bearer token. Raises ``Refused`` (401)."""
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Refused(codes.UNAUTHORIZED, "bearer token required")
+        try:
+            return self.verifier.connection(token.strip())
+        except TokenError as exc:
+            log.info(
+                "telemetry request with a bad token remote=%s: %s", self.request.remote_ip, exc
+            )
+            raise Refused(codes.UNAUTHORIZED, "token expired" if exc.expired else None) from None
+
+    def namespace(self) -> tuple[str, ChannelOptions | None]:
+        ns = self.hub.config.telemetry.namespace
+        opts = self.hub.config.namespaces.get(ns)
+        return ns, opts if opts is not None and opts.telemetry else None
+
+    def reader(self) -> tuple[Credentials, str]:
+        """A dashboard token and the name of its devices claim. Raises ``Refused`` (401/403)."""
+        creds = self.credentials()
+        _, opts = self.namespace()
+        claim = (opts.subscribe_claim if opts is not None else "") or DEFAULT_DEVICES_CLAIM
+        if not isinstance(creds.claims.get(claim), list):
+            raise Refused(codes.PERMISSION_DENIED, f"token has no {claim!r} claim")
+        return creds, claim
+
+
+class TelemetryIngestHandler(TelemetryHandler):
+    async def post(self) -> None:
+        try:
+            await self._ingest()
+        except Refused as exc:
+            await self.refuse(exc)
+
+    async def _ingest(self) -> None:
+        creds = self.credentials()
+        if not is_device(creds.claims) or not creds.user:
+            raise Refused(codes.PERMISSION_DENIED, "not a device token")
+        ns, opts = self.namespace()
+        if opts is None:
+            raise Refused(codes.UNKNOWN_CHANNEL, f"telemetry namespace {ns!r} is not configured")
+        if len(self.request.body) > self.hub.config.api.max_body_bytes:
+            raise Refused(codes.LIMIT_EXCEEDED, "request body too large")
+        try:
+            data = orjson.loads(self.request.body)
+        except orjson.JSONDecodeError:
+            raise Refused(codes.BAD_REQUEST, "invalid JSON") from None
+        channel = f"{ns}:{creds.user}"
+        if len(channel) > self.hub.config.client.max_channel_length:
+            raise Refused(codes.BAD_REQUEST, "device id too long for a channel name")
+        info = ClientInfo(creds.user, "", creds.info)
+        try:
+            result = await self.hub.telemetry_ingest.ingest(
+                creds.user, creds.claims, data, channel=channel, opts=opts, info=info
+            )
+        except RateLimited as exc:
+            if math.isinf(exc.retry_after):
+                burst = self.hub.telemetry_ingest.limiter_burst
+                await self.refuse(
+                    ClientError(codes.TOO_MANY_REQUESTS, f"more points than the burst of {burst}")
+                )
+                return
+            self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
+            await self.refuse(exc)
+            return
+        except InvalidFrame as exc:
+            rejected = [r.to_dict() for r in exc.rejected]
+            await self.refuse(exc, accepted=0, rejected=rejected)
+            return
+        except ClientError as exc:
+            await self.refuse(exc)
+            return
+        await self.reply(
+            202,
+            {
+                "accepted": len(result.accepted),
+                "rejected": [r.to_dict() for r in result.rejected],
+            },
+        )
+
+
+class DevicesHandler(TelemetryHandler):
+    async def get(self) -> None:
+        try:
+            creds, claim = self.reader()
+            try:
+                devices = await self.hub.telemetry.devices()
+            except EngineError as exc:
+                log.warning("telemetry devices read failed: %s", exc)
+                raise Refused(codes.STORE_UNAVAILABLE) from None
+        except Refused as exc:
+            await self.refuse(exc)
+            return
+        now = int(time.time() * 1000)
+        timeout_ms = int(self.hub.config.telemetry.online_timeout * 1000)
+        visible = sorted(
+            (d for d in devices if claim_globs_match(creds.claims, claim, d.id)),
+            key=lambda d: d.id,
+        )
+        await self.reply(
+            200,
+            {
+                "devices": [
+                    {
+                        "id": d.id,
+                        "last_seen": d.last_seen,
+                        "online": now - d.last_seen <= timeout_ms,
+                        "last_values": dict(d.last_values),
+                    }
+                    for d in visible
+                ]
+            },
+        )
+
+
+class DeviceTelemetryHandler(TelemetryHandler):
+    async def get(self, device: str) -> None:
+        try:
+            body = await self._query(device)
+        except Refused as exc:
+            await self.refuse(exc)
+            return
+        await self.reply(200, body)
+
+    async def _query(self, device: str) -> dict[str, Any]:
+        creds, claim = self.reader()
+        if not claim_globs_match(creds.claims, claim, device):
+            raise Refused(codes.PERMISSION_DENIED, f"device not in the token's {claim!r} claim")
+        metric = self.get_query_argument("metric", "")
+        if not METRIC_NAME_RE.match(metric):
+            raise Refused(codes.BAD_REQUEST, "metric: required, 1-64 of A-Z a-z 0-9 _ . -")
+        end = self._int_arg("to", int(time.time() * 1000))
+        start = self._int_arg("from", end - DEFAULT_RANGE_MS)
+        if start >= end:
+            raise Refused(codes.BAD_REQUEST, "from must be before to")
+        step = self._int_arg("step", max(MIN_DEFAULT_STEP_MS, -(-(end - start) // DEFAULT_STEPS)))
+        if step < 1:
+            raise Refused(codes.BAD_REQUEST, "step must be at least 1 ms")
+        steps = step_count(start, end, step)
+        limit = self.hub.config.telemetry.max_query_steps
+        if steps > limit:
+            raise Refused(
+                codes.BAD_REQUEST, f"too many steps ({steps} > {limit}): use a larger step"
+            )
+        try:
+            result = await self.hub.telemetry.query(device, metric, start, end, step)
+        except EngineError as exc:
+            log.warning("telemetry query failed device=%s: %s", device, exc)
+            raise Refused(codes.STORE_UNAVAILABLE) from None
+        return {
+            "device": device,
+            "metric": metric,
+            "from": start,
+            "to": end,
+            "step": step,
+            "points": [
+                {"t": s.t, "min": s.min, "max": s.max, "avg": s.avg, "count": s.count}
+                for s in result
+            ],
+        }
+
+    def _int_arg(self, name: str, default: int) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise Refused(codes.BAD_REQUEST, f"{name}: expected integer milliseconds") from None
+        if value < 0:
+            raise Refused(codes.BAD_REQUEST, f"{name}: must not be negative")
+        return value
+
+
+def telemetry_routes(hub: Hub, verifier: TokenVerifier) -> list[tuple[str, type, dict[str, Any]]]:
+    """Routes to put before the generic ``/api/<method>`` (which would match them too)."""
+    deps = {"hub": hub, "verifier": verifier}
+    return [
+        (r"/api/telemetry", TelemetryIngestHandler, deps),
+        (r"/api/devices", DevicesHandler, deps),
+        (r"/api/devices/([^/]+)/telemetry", DeviceTelemetryHandler, deps),
+    ]

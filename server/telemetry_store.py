@@ -1,0 +1,249 @@
+"""Engine contract for device telemetry: ``TelemetryStore``, and what its implementations share.
+
+Devices publish *points* (a timestamp and a few named numbers); the hub
+validates them (``server.telemetry``), fans them out live, and hands the
+accepted ones to the telemetry store. Dashboards then ask the store for
+downsampled series and for each device's last contact and last values.
+
+Storage model (the bucket pattern)
+    Points are grouped per device into fixed time *buckets* of
+    ``telemetry.bucket_seconds``, aligned to multiples of the bucket length
+    since the epoch. A bucket holds its points and, per metric, the running
+    ``min``/``max``/``sum``/``count``. A query whose steps cover whole buckets
+    reads only those summaries; partially covered buckets are read point by
+    point. Both implementations keep this shape so that they answer every
+    query identically (``Downsampler`` is the one aggregation both use).
+
+Idempotency
+    A point is keyed by ``(device, ts)``. Adding a point whose key is already
+    stored (a device retrying a frame whose acknowledgement it lost) changes
+    nothing: not the points, not the summaries, not the counts. Callers
+    deduplicate within one frame (``server.telemetry`` rejects a second point
+    with the same ``ts``); ``add`` must still cope with keys already accepted
+    earlier.
+
+Durability
+    ``add`` returns once the points are *accepted*: an implementation may
+    queue them (write-behind) but must then keep them until written, across
+    outages of its server, and must raise ``StoreFullError`` instead of
+    accepting more than it can hold. Accepted points are visible to ``query``
+    and ``devices`` at once, whether or not they are written yet.
+
+Devices
+    ``add`` also records the device's *last seen* time (server time of the
+    frame, so a device with a wrong clock is still seen as online) and, per
+    metric, the value of the newest point by ``ts``: an old point arriving late
+    never replaces a newer last value.
+
+Retention
+    ``retain(now)`` deletes buckets that ended more than
+    ``telemetry.retention_days`` before ``now`` and devices not seen within
+    that time. Implementations run it themselves every
+    ``telemetry.retention_interval``; it is public so tests can drive it.
+    Nothing relies on server-side TTL indexes (FerretDB v1 has none).
+
+Times are integer milliseconds since the Unix epoch throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+from server.store import StoreStatus
+
+MS_PER_DAY: Final = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One validated telemetry point."""
+
+    ts: int  # ms since the epoch
+    values: Mapping[str, float]  # metric name -> finite number
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceState:
+    """What the store knows about one device."""
+
+    id: str
+    last_seen: int  # ms, server time of the last accepted frame
+    last_values: Mapping[str, float]  # metric -> value of the newest point (by ts) carrying it
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """Aggregate of one metric over one step of a query (only steps with points exist)."""
+
+    t: int  # ms, start of the step (a multiple of the step since the epoch)
+    min: float
+    max: float
+    avg: float
+    count: int
+
+
+@dataclass(slots=True)
+class MetricStats:
+    """Running summary of one metric in one bucket (or one step)."""
+
+    min: float
+    max: float
+    sum: float
+    count: int
+
+    @classmethod
+    def of(cls, value: float) -> MetricStats:
+        return cls(value, value, value, 1)
+
+    def add(self, value: float) -> None:
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        self.sum += value
+        self.count += 1
+
+    def merge(self, other: MetricStats) -> None:
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        self.sum += other.sum
+        self.count += other.count
+
+
+class TelemetryStore(Protocol):
+    """Per-device time series in buckets; see the module docstring for the contract."""
+
+    async def start(self) -> None:
+        """Connect, create indexes (idempotently) and start background tasks.
+
+        Raises:
+            EngineError: the server cannot be reached.
+        """
+
+    async def close(self) -> None:
+        """Write what is queued (within the implementation's deadline), then disconnect."""
+
+    async def add(self, device: str, points: Sequence[Point], seen: int) -> None:
+        """Accept validated points of one device (unique ``ts`` within the call).
+
+        ``seen`` is the server time of the frame (ms), recorded as last seen.
+
+        Raises:
+            StoreFullError: the write-behind queue cannot take these points now.
+            EngineError: the store is not running.
+        """
+
+    async def query(
+        self, device: str, metric: str, start: int, end: int, step: int
+    ) -> list[StepStats]:
+        """Downsample ``metric`` of ``device`` over ``[start, end)`` in steps of ``step`` ms.
+
+        Steps are aligned to multiples of ``step`` since the epoch (the first
+        and last may be partly outside the range; only points inside count).
+        Only steps that contain points are returned, oldest first. ``min``,
+        ``max`` and ``avg`` are exact. Callers bound the number of steps.
+
+        Raises:
+            EngineError: the server could not be read.
+        """
+
+    async def devices(self) -> list[DeviceState]:
+        """Every known device (callers filter by what the reader may see).
+
+        Raises:
+            EngineError: the server could not be read.
+        """
+
+    async def retain(self, now: int) -> int:
+        """Apply retention as of ``now`` (ms); returns the number of buckets deleted.
+
+        Raises:
+            EngineError: the server could not be reached.
+        """
+
+    def status(self) -> StoreStatus:
+        """Current health and queue depth; must not do I/O."""
+
+
+def bucket_start(ts: int, bucket_ms: int) -> int:
+    """Start of the bucket holding ``ts``."""
+    return ts - ts % bucket_ms
+
+
+def step_count(start: int, end: int, step: int) -> int:
+    """Number of epoch-aligned steps a query over ``[start, end)`` touches."""
+    if end <= start:
+        return 0
+    return (end - 1) // step - start // step + 1
+
+
+class Downsampler:
+    """Aggregates one metric into epoch-aligned steps, from bucket summaries or raw points.
+
+    Usage: for each bucket in range, if ``whole(bucket_start)`` feed its
+    summary to ``add_stats``, else feed its points to ``add_value``; then
+    ``result()``. A bucket counts as whole when it lies inside ``[start,
+    end)`` and inside a single step, so its summary is exactly that step's
+    share.
+    """
+
+    __slots__ = ("_bucket_ms", "_end", "_start", "_step", "_steps")
+
+    def __init__(self, start: int, end: int, step: int, bucket_ms: int) -> None:
+        self._start = start
+        self._end = end
+        self._step = step
+        self._bucket_ms = bucket_ms
+        self._steps: dict[int, MetricStats] = {}
+
+    def whole(self, bucket: int) -> bool:
+        last = bucket + self._bucket_ms - 1
+        return (
+            bucket >= self._start
+            and last < self._end
+            and bucket // self._step == last // self._step
+        )
+
+    def add_stats(self, bucket: int, stats: MetricStats) -> None:
+        k = bucket // self._step
+        cur = self._steps.get(k)
+        if cur is None:
+            self._steps[k] = MetricStats(stats.min, stats.max, stats.sum, stats.count)
+        else:
+            cur.merge(stats)
+
+    def add_value(self, ts: int, value: float) -> None:
+        if not self._start <= ts < self._end:
+            return
+        k = ts // self._step
+        cur = self._steps.get(k)
+        if cur is None:
+            self._steps[k] = MetricStats.of(value)
+        else:
+            cur.add(value)
+
+    def add_points(self, points: Iterable[tuple[int, float]]) -> None:
+        for ts, value in points:
+            self.add_value(ts, value)
+
+    def result(self) -> list[StepStats]:
+        out = []
+        for k in sorted(self._steps):
+            s = self._steps[k]
+            out.append(StepStats(k * self._step, s.min, s.max, s.sum / s.count, s.count))
+        return out
+
+
+def bucket_range(start: int, end: int, bucket_ms: int) -> tuple[int, int]:
+    """First and last bucket start overlapping ``[start, end)`` (``end > start``)."""
+    return bucket_start(start, bucket_ms), bucket_start(end - 1, bucket_ms)
+
+
+def retention_cutoff(now: int, retention_days: float) -> int | None:
+    """Buckets ending at or before this (ms) are expired; ``None`` when retention is off."""
+    if retention_days <= 0:
+        return None
+    return now - math.ceil(retention_days * MS_PER_DAY)

@@ -1,0 +1,293 @@
+"""The ``TelemetryStore`` contract, run against every implementation.
+
+One suite over the ``tstore`` fixture: ``MemoryTelemetryStore``, and
+``MongoTelemetryStore`` through PyMongo's ``AsyncMongoClient`` and through
+Motor, each on its own database of the session's MongoDB-compatible server
+(FerretDB unless ``SQUALL_MONGODB_URL`` says otherwise).
+
+The Mongo store writes behind, so the tests read twice: right after ``add``
+(the points are still queued; ``add`` never yields to the flusher) and again
+once ``status().queue_depth`` is 0 (they come from the collection). The
+expected aggregates are computed here from the raw points, independently of
+``Downsampler``. Mongo-only tests at the end check the stored documents and
+a restart.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from server.config import TelemetryConfig
+from server.telemetry_memory import MemoryTelemetryStore
+from server.telemetry_mongo import MongoTelemetryStore
+from server.telemetry_store import MS_PER_DAY, Point, StepStats, TelemetryStore
+from tests.engines import eventually
+from tests.engines.test_store_contract import mongo_config
+
+BUCKET_MS = 10_000
+T0 = 1_700_000_000_000  # a multiple of BUCKET_MS
+CFG = TelemetryConfig(bucket_seconds=BUCKET_MS / 1000, retention_days=1, flush_interval=0.01)
+
+
+def make_store(kind: str, url: str, database: str, cfg: TelemetryConfig = CFG) -> TelemetryStore:
+    if kind == "memory":
+        return MemoryTelemetryStore(cfg)
+    return MongoTelemetryStore(mongo_config(url, database, kind.removeprefix("mongo-")), cfg)
+
+
+@pytest.fixture(params=["memory", "mongo-pymongo", "mongo-motor"])
+def tstore(request: pytest.FixtureRequest, io_loop, unique_prefix: str) -> Iterator[TelemetryStore]:
+    """A started telemetry store of one kind on a database no other test uses."""
+    url = "" if request.param == "memory" else request.getfixturevalue("mongo_url")
+    store = make_store(request.param, url, unique_prefix)
+    io_loop.run_sync(store.start)
+    yield store
+    io_loop.run_sync(store.close)
+
+
+async def written(store: TelemetryStore) -> None:
+    """Wait until nothing is queued (a no-op for the memory store)."""
+
+    async def drained() -> bool:
+        return store.status().queue_depth == 0
+
+    await eventually(drained, within=5.0)
+
+
+def expected(points: list[tuple[int, float]], start: int, end: int, step: int) -> list[StepStats]:
+    """Reference downsampling straight from the raw points."""
+    steps: dict[int, list[float]] = {}
+    for ts, value in points:
+        if start <= ts < end:
+            steps.setdefault(ts // step * step, []).append(value)
+    return [
+        StepStats(t, min(vs), max(vs), sum(vs) / len(vs), len(vs))
+        for t, vs in sorted(steps.items())
+    ]
+
+
+def approx(stats: list[StepStats]) -> list[Any]:
+    return [(s.t, s.min, s.max, pytest.approx(s.avg), s.count) for s in stats]
+
+
+def flat(stats: list[StepStats]) -> list[Any]:
+    return [(s.t, s.min, s.max, s.avg, s.count) for s in stats]
+
+
+async def read_twice(store: TelemetryStore, query: tuple[Any, ...], want: list[StepStats]) -> None:
+    assert flat(await store.query(*query)) == approx(want)
+    await written(store)
+    assert flat(await store.query(*query)) == approx(want)
+
+
+def series(n: int, *, every: int = 700, seed: int = 7) -> list[Point]:
+    rng = random.Random(seed)
+    return [
+        Point(T0 + i * every, {"temp": round(rng.uniform(-5, 30), 2), "hum": float(i % 7)})
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "step"),
+    [
+        (T0, T0 + 70_000, 10_000),  # step = bucket: every bucket whole
+        (T0, T0 + 70_000, 30_000),  # several buckets per step, one straddles
+        (T0, T0 + 70_000, 20_000),  # buckets aligned inside steps
+        (T0, T0 + 70_000, 3_000),  # steps smaller than buckets: raw points
+        (T0 + 4_321, T0 + 55_555, 10_000),  # edges cut buckets
+        (T0 - 50_000, T0 + 200_000, 60_000),  # range wider than the data
+    ],
+)
+async def test_query_min_max_avg_per_step_are_exact(tstore: TelemetryStore, start, end, step):
+    """Per-step min, max, avg and count match the raw points, queued and once written."""
+    points = series(100)
+    await tstore.add("dev-1", points, T0)
+    raw = [(p.ts, p.values["temp"]) for p in points]
+    await read_twice(tstore, ("dev-1", "temp", start, end, step), expected(raw, start, end, step))
+
+
+async def test_points_added_in_several_frames_and_out_of_order_aggregate_together(
+    tstore: TelemetryStore,
+):
+    """Frames of one device, in any order and across buckets, form one series."""
+    points = series(60, every=900)
+    shuffled = points[:]
+    random.Random(3).shuffle(shuffled)
+    for i in range(0, len(shuffled), 7):
+        await tstore.add("dev-1", shuffled[i : i + 7], T0)
+    raw = [(p.ts, p.values["hum"]) for p in points]
+    await read_twice(
+        tstore, ("dev-1", "hum", T0, T0 + 60_000, 5_000), expected(raw, T0, T0 + 60_000, 5_000)
+    )
+
+
+async def test_retried_points_are_stored_once(tstore: TelemetryStore):
+    """Adding the same (device, ts) again, queued or already written, changes nothing."""
+    points = series(30)
+    query = ("dev-1", "temp", T0, T0 + 30_000, 10_000)
+    raw = [(p.ts, p.values["temp"]) for p in points]
+    want = expected(raw, T0, T0 + 30_000, 10_000)
+    await tstore.add("dev-1", points, T0)
+    await tstore.add("dev-1", points, T0)  # retried while still queued
+    await read_twice(tstore, query, want)
+    await tstore.add("dev-1", points, T0)  # retried after it was written
+    await tstore.add("dev-1", points[5:15], T0)
+    await read_twice(tstore, query, want)
+    assert sum(s.count for s in await tstore.query(*query)) == 30
+
+
+async def test_a_retry_mixing_stored_and_new_points_stores_only_the_new_ones(
+    tstore: TelemetryStore,
+):
+    """A batch overlapping what is stored adds exactly its new points (same bucket)."""
+    first = [Point(T0 + i, {"v": float(i)}) for i in range(0, 10)]
+    overlap = [Point(T0 + i, {"v": 100.0 + i}) for i in range(5, 15)]  # 5..9 already stored
+    await tstore.add("dev-1", first, T0)
+    await written(tstore)
+    await tstore.add("dev-1", overlap, T0)
+    await written(tstore)
+    [step] = await tstore.query("dev-1", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+    values = [float(i) for i in range(10)] + [100.0 + i for i in range(10, 15)]
+    assert (step.count, step.min, step.max) == (15, 0.0, 114.0)
+    assert step.avg == pytest.approx(sum(values) / 15)
+
+
+async def test_devices_are_kept_apart(tstore: TelemetryStore):
+    """Points of one device never show up in another's series."""
+    await tstore.add("a", [Point(T0, {"v": 1.0})], T0)
+    await tstore.add("b", [Point(T0, {"v": 5.0}), Point(T0 + 1, {"v": 7.0})], T0)
+    await written(tstore)
+    [a] = await tstore.query("a", "v", T0, T0 + 1000, 1000)
+    [b] = await tstore.query("b", "v", T0, T0 + 1000, 1000)
+    assert (a.count, a.avg) == (1, 1.0)
+    assert (b.count, b.avg) == (2, 6.0)
+    assert await tstore.query("nobody", "v", T0, T0 + 1000, 1000) == []
+    assert await tstore.query("a", "other", T0, T0 + 1000, 1000) == []
+
+
+async def test_metric_names_with_dots_and_dashes_round_trip(tstore: TelemetryStore):
+    """Metric names keep their dots (they are not nested fields)."""
+    await tstore.add("d", [Point(T0, {"signal.rssi": -60.0, "a-b_c.d": 1.5})], T0 + 5)
+    for _ in range(2):
+        [s] = await tstore.query("d", "signal.rssi", T0, T0 + 1, 1)
+        assert s.avg == -60.0
+        [dev] = await tstore.devices()
+        assert dev.last_values == {"signal.rssi": -60.0, "a-b_c.d": 1.5}
+        await written(tstore)
+
+
+async def test_devices_report_last_seen_and_newest_value_per_metric(tstore: TelemetryStore):
+    """last_seen is the latest frame's server time; a late old point never wins."""
+    await tstore.add("d", [Point(T0 + 2000, {"temp": 20.0, "hum": 40.0})], T0 + 2100)
+    await tstore.add("d", [Point(T0 + 1000, {"temp": 10.0, "volt": 3.3})], T0 + 2200)
+    await tstore.add("d", [Point(T0 + 3000, {"hum": 45.0})], T0 + 2000)
+    for _ in range(2):
+        [dev] = await tstore.devices()
+        assert dev.id == "d"
+        assert dev.last_seen == T0 + 2200
+        assert dev.last_values == {"temp": 20.0, "hum": 45.0, "volt": 3.3}
+        await written(tstore)
+
+
+async def test_retention_drops_old_buckets_and_silent_devices(tstore: TelemetryStore):
+    """retain(now) deletes buckets older than retention_days and devices not seen since."""
+    await tstore.add("old", [Point(T0, {"v": 1.0})], T0)
+    await tstore.add("new", [Point(T0, {"v": 1.0})], T0)
+    await tstore.add("new", [Point(T0 + MS_PER_DAY, {"v": 2.0})], T0 + MS_PER_DAY)
+    await written(tstore)
+    deleted = await tstore.retain(T0 + MS_PER_DAY + BUCKET_MS)
+    assert deleted == 2  # the first bucket of each device
+    assert [d.id for d in await tstore.devices()] == ["new"]
+    day = (T0, T0 + 2 * MS_PER_DAY, MS_PER_DAY)
+    assert [s.count for s in await tstore.query("new", "v", *day)] == [1]
+    assert await tstore.query("old", "v", *day) == []
+
+
+async def test_status_reports_ready(tstore: TelemetryStore):
+    """A started store is ready, and drains its queue to zero."""
+    await tstore.add("d", series(5), T0)
+    await written(tstore)
+    status = tstore.status()
+    assert status.ready
+    assert status.queue_depth == 0
+
+
+# --------------------------------------------------------------------- Mongo only
+
+
+@pytest.fixture(params=["pymongo", "motor"])
+def mongo_kind(request: pytest.FixtureRequest) -> str:
+    return f"mongo-{request.param}"
+
+
+async def stored(url: str, database: str, collection: str) -> list[dict[str, Any]]:
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, serverSelectionTimeoutMS=5000)
+    try:
+        return await client[database][collection].find({}, sort=[("_id", 1)]).to_list(None)
+    finally:
+        await client.close()
+
+
+async def test_mongo_keeps_one_document_per_device_and_bucket(mongo_url, unique_prefix, mongo_kind):
+    """Buckets hold their points once and exact per-metric summaries; devices hold last values."""
+    store = make_store(mongo_kind, mongo_url, unique_prefix)
+    await store.start()
+    try:
+        points = [Point(T0 + i * 2500, {"t.c": float(i)}) for i in range(6)]  # 2 buckets
+        await store.add("dev/1", points, T0 + 99)
+        await store.add("dev/1", points[:3], T0 + 99)  # a retry
+        await written(store)
+    finally:
+        await store.close()
+    buckets = await stored(mongo_url, unique_prefix, CFG.collection)
+    assert [b["_id"] for b in buckets] == [f"dev/1/{T0}", f"dev/1/{T0 + BUCKET_MS}"]
+    first = buckets[0]
+    assert (first["device"], first["start"], first["end"], first["n"]) == (
+        "dev/1",
+        T0,
+        T0 + BUCKET_MS,
+        4,
+    )
+    assert first["ts"] == [T0, T0 + 2500, T0 + 5000, T0 + 7500]
+    assert first["p"][1] == {"t": T0 + 2500, "v": {"t:c": 1.0}}
+    assert first["s"] == {"t:c": {"min": 0.0, "max": 3.0, "sum": 6.0, "n": 4}}
+    [device] = await stored(mongo_url, unique_prefix, CFG.devices_collection)
+    assert device == {
+        "_id": "dev/1",
+        "last_seen": T0 + 99,
+        "last": {"t:c": {"v": 5.0, "t": T0 + 12500}},
+    }
+
+
+async def test_mongo_close_flushes_and_a_new_store_reads_everything_back(
+    mongo_url, unique_prefix, mongo_kind
+):
+    """Points queued at close are written; a restarted store serves them and merges devices."""
+    slow = TelemetryConfig(bucket_seconds=BUCKET_MS / 1000, flush_interval=60.0, batch_size=100_000)
+    store = make_store(mongo_kind, mongo_url, unique_prefix, slow)
+    await store.start()
+    points = series(40)
+    await store.add("d", points, T0 + 1)
+    assert store.status().queue_depth == 40  # still queued: the flush interval is long
+    await store.close()
+    again = make_store(mongo_kind, mongo_url, unique_prefix, slow)
+    await again.start()
+    try:
+        raw = [(p.ts, p.values["temp"]) for p in points]
+        query = ("d", "temp", T0, T0 + 40_000, 10_000)
+        assert flat(await again.query(*query)) == approx(expected(raw, *query[2:]))
+        # A new point with an older ts must not replace the stored last value.
+        await again.add("d", [Point(T0 - 1, {"temp": -99.0})], T0 + 2)
+        [dev] = await again.devices()
+        assert dev.last_values["temp"] == points[-1].values["temp"]
+        assert dev.last_seen == T0 + 2
+    finally:
+        await again.close()
+    [device] = await stored(mongo_url, unique_prefix, CFG.devices_collection)
+    assert device["last"]["temp"]["v"] == points[-1].values["temp"]

@@ -1,0 +1,513 @@
+"""Telemetry over the wire: permissions, WebSocket and HTTP ingest, rate limits, query API.
+
+Devices and dashboards are real connections to an in-process Squall: raw
+protocol clients, Tornado's HTTP client, and centrifuge-python for the SDK
+path. The end-to-end tests run once on the memory store and once on MongoDB
+(FerretDB unless ``SQUALL_MONGODB_URL`` says otherwise); with Mongo they wait
+until the write-behind queue is empty so the query answers from the
+collection.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import pytest
+import tornado.httpclient
+from centrifuge import Client as SdkClient
+from centrifuge import ReplyError
+
+from tests.engines import eventually
+from tests.helpers import logs
+from tests.helpers.server import token
+
+MINUTE = 60_000
+
+
+def device_token(device: str, **kw: Any) -> str:
+    return token(device, extra={"device": True}, **kw)
+
+
+def dashboard_token(*globs: str, user: str = "ops") -> str:
+    return token(user, extra={"devices": list(globs or ("*",))})
+
+
+def base_ts() -> int:
+    """A minute boundary two minutes ago: inside the default skew, whole buckets after it."""
+    return int(time.time() * 1000) // MINUTE * MINUTE - 2 * MINUTE
+
+
+async def http(
+    sq: Any,
+    method: str,
+    path: str,
+    *,
+    tok: str | None = None,
+    body: Any = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any, Any]:
+    """One HTTP request; (status, decoded JSON body or None, response headers)."""
+    hdrs = dict(headers or {})
+    if tok is not None:
+        hdrs["Authorization"] = f"Bearer {tok}"
+    payload = raw if raw is not None else (orjson.dumps(body) if body is not None else None)
+    resp = await tornado.httpclient.AsyncHTTPClient().fetch(
+        f"{sq.http_url}{path}",
+        method=method,
+        body=payload,
+        headers=hdrs,
+        raise_error=False,
+        allow_nonstandard_methods=True,
+    )
+    data = orjson.loads(resp.body) if resp.body else None
+    return resp.code, data, resp.headers
+
+
+async def post_points(sq: Any, device: str, body: Any) -> tuple[int, Any, Any]:
+    return await http(sq, "POST", "/api/telemetry", tok=device_token(device), body=body)
+
+
+async def query(sq: Any, device: str, tok: str | None = None, **params: Any) -> tuple[int, Any]:
+    qs = urlencode({k.rstrip("_"): v for k, v in params.items()})
+    code, body, _ = await http(
+        sq, "GET", f"/api/devices/{device}/telemetry?{qs}", tok=tok or dashboard_token()
+    )
+    return code, body
+
+
+async def written(sq: Any) -> None:
+    """Wait until the telemetry store has written everything it accepted."""
+
+    async def drained() -> bool:
+        return sq.hub.telemetry.status().queue_depth == 0
+
+    await eventually(drained, within=5.0)
+
+
+async def subscribed_dashboard(sq: Any, *channels: str, globs: tuple[str, ...] = ("*",)) -> Any:
+    dash = await sq.raw(connect=True, token=dashboard_token(*globs))
+    for channel in channels:
+        reply = await dash.command("subscribe", {"channel": channel})
+        assert "subscribe" in reply, reply
+    return dash
+
+
+async def next_points(client: Any) -> list[dict[str, Any]]:
+    push = await client.next_push()
+    return push["push"]["pub"]["data"]["points"]
+
+
+@pytest.fixture(params=["memory", "mongo"])
+def backend(request: pytest.FixtureRequest, unique_prefix: str) -> dict[str, Any]:
+    """Config overrides selecting the telemetry store (memory, or Mongo on a fresh database)."""
+    if request.param == "memory":
+        return {}
+    url = request.getfixturevalue("mongo_url")
+    return {"mongodb.url": url, "mongodb.database": unique_prefix, "telemetry.flush_interval": 0.02}
+
+
+# --------------------------------------------------------------------- permissions
+
+
+async def test_device_cannot_publish_to_another_devices_channel(squall):
+    """A device token publishing to telemetry:<someone else> gets 103; its own channel works."""
+    sq = await squall()
+    dev = await sq.raw(connect=True, token=device_token("pump-1"))
+    point = {"values": {"v": 1}}
+    reply = await dev.command("publish", {"channel": "telemetry:pump-2", "data": point})
+    assert reply["error"]["code"] == 103
+    reply = await dev.command("publish", {"channel": "telemetry:pump-1", "data": point})
+    assert reply == {"id": 3, "publish": {}}
+
+
+async def test_device_cannot_subscribe_to_other_devices(squall):
+    """A device token has no devices claim: subscribing to a device channel is 103."""
+    sq = await squall()
+    dev = await sq.raw(connect=True, token=device_token("pump-1"))
+    reply = await dev.command("subscribe", {"channel": "telemetry:pump-2"})
+    assert reply["error"]["code"] == 103
+
+
+async def test_dashboard_subscribes_only_to_devices_its_claim_matches(squall):
+    """devices: ["pump-*"] may subscribe to telemetry:pump-7, not to telemetry:fan-1."""
+    sq = await squall()
+    dash = await sq.raw(connect=True, token=dashboard_token("pump-*", "fan-2"))
+    assert "subscribe" in await dash.command("subscribe", {"channel": "telemetry:pump-7"})
+    assert "subscribe" in await dash.command("subscribe", {"channel": "telemetry:fan-2"})
+    reply = await dash.command("subscribe", {"channel": "telemetry:fan-1"})
+    assert reply["error"]["code"] == 103
+    plain = await sq.raw(connect=True)  # a user without any devices claim
+    reply = await plain.command("subscribe", {"channel": "telemetry:pump-7"})
+    assert reply["error"]["code"] == 103
+
+
+async def test_non_device_token_cannot_publish_telemetry(squall):
+    """A dashboard token publishing to telemetry:<its own sub> is refused: only devices ingest."""
+    sq = await squall()
+    dash = await sq.raw(connect=True, token=dashboard_token(user="ops"))
+    reply = await dash.command(
+        "publish", {"channel": "telemetry:ops", "data": {"values": {"v": 1}}}
+    )
+    assert reply["error"]["code"] == 103
+    assert await sq.hub.telemetry.devices() == []
+
+
+# --------------------------------------------------------------------- WebSocket ingest
+
+
+async def test_ws_publish_delivers_normalised_points_to_dashboards(squall):
+    """Subscribers get {"points": [...]} with float values; a point without ts gets server time."""
+    sq = await squall()
+    dash = await subscribed_dashboard(sq, "telemetry:d1")
+    dev = await sq.raw(connect=True, token=device_token("d1"))
+    ts = base_ts()
+    before = int(time.time() * 1000)
+    reply = await dev.command(
+        "publish",
+        {
+            "channel": "telemetry:d1",
+            "data": [{"ts": ts, "values": {"temp": 21, "rssi": -60.5}}, {"values": {"temp": 22}}],
+        },
+    )
+    assert "publish" in reply, reply
+    first, second = await next_points(dash)
+    assert first == {"ts": ts, "values": {"temp": 21.0, "rssi": -60.5}}
+    assert before <= second["ts"] <= int(time.time() * 1000)
+    assert second["values"] == {"temp": 22.0}
+
+
+async def test_ws_frame_with_some_invalid_points_accepts_the_valid_ones(squall):
+    """The publish succeeds; only valid points are published and stored."""
+    sq = await squall()
+    dash = await subscribed_dashboard(sq, "telemetry:d1")
+    dev = await sq.raw(connect=True, token=device_token("d1"))
+    ts = base_ts()
+    frame = [
+        {"ts": ts, "values": {"v": 1}},
+        {"ts": ts + 1, "values": {"v": "oops"}},
+        {"ts": ts + 2, "values": {"v": 3}},
+    ]
+    reply = await dev.command("publish", {"channel": "telemetry:d1", "data": frame})
+    assert "publish" in reply, reply
+    assert [p["ts"] for p in await next_points(dash)] == [ts, ts + 2]
+    code, body = await query(sq, "d1", metric="v", from_=ts, to=ts + MINUTE, step=MINUTE)
+    assert code == 200
+    assert body["points"] == [{"t": ts, "min": 1.0, "max": 3.0, "avg": 2.0, "count": 2}]
+
+
+async def test_ws_frame_without_valid_points_is_107_listing_reasons(squall):
+    """Error 107 names each point's problem; nothing is published or stored."""
+    sq = await squall()
+    dash = await subscribed_dashboard(sq, "telemetry:d1")
+    dev = await sq.raw(connect=True, token=device_token("d1"))
+    frame = [{"values": {"v": True}}, "x", {"values": {}}]
+    with logs.expect_log("squall.telemetry", r"telemetry frame refused device=d1 points=3"):
+        reply = await dev.command("publish", {"channel": "telemetry:d1", "data": frame})
+    assert reply["error"]["code"] == 107
+    message = reply["error"]["message"]
+    assert message.startswith("no valid points: #0: metric 'v' is a boolean")
+    assert "#1: not an object" in message
+    assert "#2: values is empty" in message
+    assert await sq.hub.telemetry.devices() == []
+    # The next valid frame is the first publication the dashboard sees.
+    await dev.command("publish", {"channel": "telemetry:d1", "data": {"values": {"ok": 1}}})
+    assert (await next_points(dash))[0]["values"] == {"ok": 1.0}
+
+
+async def test_rate_limit_is_111_on_websocket_and_429_over_http_per_device(squall):
+    """Over max_points_per_second the whole frame is refused: 111 (temporary) / HTTP 429."""
+    sq = await squall(**{"telemetry.max_points_per_second": 1, "telemetry.max_points_burst": 5})
+    dev = await sq.raw(connect=True, token=device_token("d1"))
+    ts = base_ts()
+    five = [{"ts": ts + i, "values": {"v": i}} for i in range(5)]
+    assert "publish" in await dev.command("publish", {"channel": "telemetry:d1", "data": five})
+    more = [{"ts": ts + 10 + i, "values": {"v": i}} for i in range(3)]
+    with logs.expect_log("squall.telemetry", r"telemetry rate limited device=d1 points=3"):
+        reply = await dev.command("publish", {"channel": "telemetry:d1", "data": more})
+    assert reply["error"] == {"code": 111, "message": "too many requests", "temporary": True}
+    code, body, headers = await post_points(sq, "d1", more)  # the same device over HTTP
+    assert code == 429
+    assert body["error"]["code"] == 111
+    assert 1 <= int(headers["Retry-After"]) <= 3
+    code, _, _ = await post_points(sq, "d2", more)  # another device has its own budget
+    assert code == 202
+    code, body, headers = await post_points(sq, "d3", [{"values": {"v": i}} for i in range(6)])
+    assert code == 429  # more than the burst: can never pass, so no Retry-After
+    assert "burst of 5" in body["error"]["message"]
+    assert "Retry-After" not in headers
+    code, body = await query(sq, "d1", metric="v", from_=ts, to=ts + MINUTE, step=MINUTE)
+    assert body["points"][0]["count"] == 5  # nothing of the refused frames was stored
+
+
+# --------------------------------------------------------------------- HTTP ingest
+
+
+async def test_http_ingest_reports_each_rejected_point(squall):
+    """202 with accepted count and per-point index and reason; rejected points are not stored."""
+    sq = await squall()
+    ts = base_ts()
+    far = int(time.time() * 1000) + 3_600_000
+    batch = [
+        {"ts": ts, "values": {"temp": 20.5}},
+        {"ts": ts + 1, "values": {"temp": "warm"}},
+        {"ts": ts + 2, "values": {"temp": False}},
+        {"ts": ts + 3, "values": {f"m{i}": i for i in range(65)}},
+        {"ts": ts + 4, "values": {"x" * 65: 1}},
+        {"ts": ts + 5, "values": {"bad name": 1}},
+        {"ts": far, "values": {"temp": 1}},
+        7,
+        {"ts": ts + 6, "values": {}},
+        {"ts": ts + 7},
+        {"ts": ts, "values": {"temp": 99}},
+        {"ts": ts + 8, "values": {"temp": 21.5}},
+    ]
+    code, body, _ = await post_points(sq, "d1", batch)
+    assert code == 202
+    assert body["accepted"] == 2
+    reasons = {r["index"]: r["reason"] for r in body["rejected"]}
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert reasons[1] == "metric 'temp' is not a number"
+    assert reasons[2] == "metric 'temp' is a boolean, not a number"
+    assert reasons[3] == "too many metrics (65 > 64)"
+    assert reasons[4].startswith("invalid metric name 'xxx")
+    assert reasons[5].startswith("invalid metric name 'bad name'")
+    assert "away from server time" in reasons[6]
+    assert reasons[7] == "not an object"
+    assert reasons[8] == "values is empty"
+    assert reasons[9] == "values missing"
+    assert reasons[10] == f"duplicate ts {ts} in this frame"
+    code, q = await query(sq, "d1", metric="temp", from_=ts, to=ts + MINUTE, step=MINUTE)
+    assert q["points"] == [{"t": ts, "min": 20.5, "max": 21.5, "avg": 21.0, "count": 2}]
+
+
+async def test_http_ingest_single_point_and_live_delivery(squall):
+    """One point as the body is a frame of one, delivered live on telemetry:<sub>."""
+    sq = await squall()
+    dash = await subscribed_dashboard(sq, "telemetry:d1")
+    code, body, _ = await post_points(sq, "d1", {"values": {"v": 4}})
+    assert (code, body) == (202, {"accepted": 1, "rejected": []})
+    [point] = await next_points(dash)
+    assert point["values"] == {"v": 4.0}
+
+
+async def test_http_ingest_auth_errors(squall):
+    """No, malformed or expired token is 401; a non-device token is 403."""
+    sq = await squall()
+    point = {"values": {"v": 1}}
+    code, body, _ = await http(sq, "POST", "/api/telemetry", body=point)
+    assert (code, body["error"]["code"]) == (401, 101)
+    with logs.expect_log("squall.api.telemetry", r"telemetry request with a bad token"):
+        code, _, _ = await http(sq, "POST", "/api/telemetry", tok="not.a.jwt", body=point)
+    assert code == 401
+    expired = token("d1", extra={"device": True, "exp": int(time.time()) - 60}, ttl=None)
+    code, body, _ = await http(sq, "POST", "/api/telemetry", tok=expired, body=point)
+    assert (code, body["error"]["message"]) == (401, "token expired")
+    code, _, _ = await http(
+        sq,
+        "POST",
+        "/api/telemetry",
+        body=point,
+        headers={"Authorization": f"Basic {device_token('d1')}"},
+    )
+    assert code == 401
+    code, body, _ = await http(sq, "POST", "/api/telemetry", tok=dashboard_token(), body=point)
+    assert (code, body["error"]["code"]) == (403, 103)
+
+
+async def test_http_ingest_bad_bodies(squall):
+    """Invalid JSON (NaN included), an empty list and an all-invalid batch are 400."""
+    sq = await squall(**{"telemetry.max_points_per_frame": 3})
+    tok = device_token("d1")
+    for raw in (b"{not json", b'{"values": {"v": NaN}}', b""):
+        code, body, _ = await http(sq, "POST", "/api/telemetry", tok=tok, raw=raw)
+        assert (code, body["error"]["message"]) == (400, "invalid JSON"), raw
+    code, body, _ = await post_points(sq, "d1", [])
+    assert (code, body["error"]["message"]) == (400, "no points")
+    code, body, _ = await post_points(sq, "d1", [{"values": {"v": 1}}] * 4)
+    assert code == 400
+    assert body["error"]["message"] == "too many points in one frame (4 > 3)"
+    with logs.expect_log("squall.telemetry", r"telemetry frame refused"):
+        code, body, _ = await post_points(sq, "d1", [{"values": {"v": "x"}}, {"values": 1}])
+    assert code == 400
+    assert body["accepted"] == 0
+    assert body["rejected"] == [
+        {"index": 0, "reason": "metric 'v' is not a number"},
+        {"index": 1, "reason": "values must be an object"},
+    ]
+    assert body["error"]["code"] == 107
+
+
+async def test_http_ingest_body_limit_and_missing_namespace(squall):
+    """A body over api.max_body_bytes is 413; without the telemetry namespace ingest is 404."""
+    sq = await squall(**{"api.max_body_bytes": 200})
+    code, _, _ = await post_points(sq, "d1", [{"values": {"v": i}} for i in range(30)])
+    assert code == 413
+    other = await squall(**{"telemetry.namespace": "nope"})
+    code, body, _ = await post_points(other, "d1", {"values": {"v": 1}})
+    assert (code, body["error"]["code"]) == (404, 102)
+
+
+# --------------------------------------------------------------------- idempotency
+
+
+async def test_retried_batches_are_stored_once(squall, backend):
+    """The same batch twice over HTTP and the same frame twice over WS: counts do not change."""
+    sq = await squall(**backend)
+    ts = base_ts()
+    batch = [{"ts": ts + i * 1000, "values": {"v": float(i)}} for i in range(20)]
+    for _ in range(2):
+        code, body, _ = await post_points(sq, "d1", batch)
+        assert (code, body) == (202, {"accepted": 20, "rejected": []})
+    dev = await sq.raw(connect=True, token=device_token("d2"))
+    for _ in range(2):
+        reply = await dev.command("publish", {"channel": "telemetry:d2", "data": batch[:10]})
+        assert "publish" in reply
+    await written(sq)
+    for _ in range(2):
+        _, q1 = await query(sq, "d1", metric="v", from_=ts, to=ts + MINUTE, step=MINUTE)
+        _, q2 = await query(sq, "d2", metric="v", from_=ts, to=ts + MINUTE, step=MINUTE)
+        assert q1["points"] == [{"t": ts, "min": 0.0, "max": 19.0, "avg": 9.5, "count": 20}]
+        assert q2["points"] == [{"t": ts, "min": 0.0, "max": 9.0, "avg": 4.5, "count": 10}]
+        await post_points(sq, "d1", batch[5:15])  # a partial retry after the write
+        await written(sq)
+
+
+# --------------------------------------------------------------------- query API
+
+
+async def test_query_api_auth(squall):
+    """Query endpoints need a token with a devices claim matching the device."""
+    sq = await squall()
+    for path in ("/api/devices", "/api/devices/d1/telemetry?metric=v"):
+        code, body, _ = await http(sq, "GET", path)
+        assert (code, body["error"]["code"]) == (401, 101)
+        code, body, _ = await http(sq, "GET", path, tok=device_token("d1"))
+        assert (code, body["error"]["code"]) == (403, 103)
+    code, body = await query(sq, "d1", tok=dashboard_token("d2", "x*"), metric="v")
+    assert (code, body["error"]["code"]) == (403, 103)
+
+
+async def test_query_api_validates_parameters(squall):
+    """Bad metric, range or step, and too many steps, are 400 with a message."""
+    sq = await squall(**{"telemetry.max_query_steps": 10})
+    cases = [
+        ({}, "metric: required"),
+        ({"metric": "bad name"}, "metric: required"),
+        ({"metric": "v", "from_": 10, "to": 10}, "from must be before to"),
+        ({"metric": "v", "from_": "yesterday"}, "from: expected integer milliseconds"),
+        ({"metric": "v", "to": -5}, "to: must not be negative"),
+        ({"metric": "v", "from_": 0, "to": 10, "step": 0}, "step must be at least 1 ms"),
+        ({"metric": "v", "from_": 0, "to": 1000, "step": 10}, "too many steps (100 > 10)"),
+    ]
+    for params, message in cases:
+        code, body = await query(sq, "d1", **params)
+        assert code == 400, params
+        assert message in body["error"]["message"], (params, body)
+
+
+async def test_query_defaults_cover_the_last_hour(squall):
+    """Without from/to/step: the hour before now, in steps of about 1/300 of it."""
+    sq = await squall()
+    before = int(time.time() * 1000)
+    code, body = await query(sq, "d1", metric="v")
+    assert code == 200
+    assert body["to"] - body["from"] == 3_600_000
+    assert before <= body["to"] <= int(time.time() * 1000)
+    assert body["step"] == 12_000
+    assert (body["device"], body["metric"], body["points"]) == ("d1", "v", [])
+
+
+async def test_device_ids_with_slashes_and_colons_are_addressable(squall):
+    """A device id is URL-escaped in the path and comes back exactly."""
+    sq = await squall()
+    code, _, _ = await post_points(sq, "site:a/pump 1", {"values": {"v": 2}})
+    assert code == 202
+    code, body = await query(sq, "site%3Aa%2Fpump%201", metric="v")
+    assert code == 200
+    assert body["device"] == "site:a/pump 1"
+    assert body["points"][0]["count"] == 1
+
+
+async def test_devices_lists_matching_devices_with_online_and_last_values(squall):
+    """Only devices the claim matches are listed; online turns false after online_timeout."""
+    sq = await squall(**{"telemetry.online_timeout": 0.3})
+    ts = base_ts()
+    await post_points(sq, "pump-1", [{"ts": ts + 1000, "values": {"p": 2.0, "t": 40.0}}])
+    await post_points(sq, "pump-1", {"ts": ts, "values": {"p": 1.0, "rpm": 900}})  # older
+    await post_points(sq, "fan-1", {"values": {"rpm": 1200}})
+    before = int(time.time() * 1000)
+    code, body, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token("pump-*"))
+    assert code == 200
+    [pump] = body["devices"]
+    assert pump["id"] == "pump-1"
+    assert pump["online"] is True
+    assert before - 5000 <= pump["last_seen"] <= before
+    assert pump["last_values"] == {"p": 2.0, "t": 40.0, "rpm": 900.0}
+    code, body, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token())
+    assert [d["id"] for d in body["devices"]] == ["fan-1", "pump-1"]
+
+    async def offline() -> bool:
+        _, now, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token("pump-*"))
+        return now["devices"][0]["online"] is False
+
+    await eventually(offline, within=3.0)
+
+
+# --------------------------------------------------------------------- end to end
+
+
+async def test_ingest_to_storage_to_query_through_both_paths(squall, backend):
+    """SDK WebSocket publishes and HTTP posts arrive live, are stored, and query back exactly."""
+    sq = await squall(**backend)
+    dash = await subscribed_dashboard(sq, "telemetry:ws-dev", "telemetry:http-dev")
+    ts = base_ts()
+    # Two minutes of points at 1 Hz with known values: v = i % 7, w = -i.
+    frames = [
+        [{"ts": ts + i * 1000, "values": {"v": i % 7, "w": -i}} for i in range(k, k + 20)]
+        for k in range(0, 120, 20)
+    ]
+    sdk = SdkClient(sq.ws_url, token=device_token("ws-dev"))
+    await sdk.connect()
+    try:
+        for frame in frames:
+            await sdk.publish("telemetry:ws-dev", frame)
+        with pytest.raises(ReplyError) as refused:
+            await sdk.publish("telemetry:http-dev", frames[0])
+        assert refused.value.code == 103
+    finally:
+        await sdk.disconnect()
+    for frame in frames:
+        code, body, _ = await post_points(sq, "http-dev", frame)
+        assert (code, body["accepted"]) == (202, 20)
+    seen: dict[str, int] = {"telemetry:ws-dev": 0, "telemetry:http-dev": 0}
+    while sum(seen.values()) < 240:
+        push = (await dash.next_push())["push"]
+        seen[push["channel"]] += len(push["pub"]["data"]["points"])
+    assert seen == {"telemetry:ws-dev": 120, "telemetry:http-dev": 120}
+    await written(sq)
+    values = {ts + i * 1000: (float(i % 7), float(-i)) for i in range(120)}
+    for device in ("ws-dev", "http-dev"):
+        for step in (MINUTE, 30_000, 7_000):
+            code, body = await query(
+                sq, device, metric="v", from_=ts + 5000, to=ts + 115_000, step=step
+            )
+            assert code == 200
+            want: dict[int, list[float]] = {}
+            for t, (v, _) in values.items():
+                if ts + 5000 <= t < ts + 115_000:
+                    want.setdefault(t // step * step, []).append(v)
+            assert [(p["t"], p["min"], p["max"], p["count"]) for p in body["points"]] == [
+                (t, min(vs), max(vs), len(vs)) for t, vs in sorted(want.items())
+            ]
+            for p, (_, vs) in zip(body["points"], sorted(want.items()), strict=True):
+                assert p["avg"] == pytest.approx(sum(vs) / len(vs))
+    code, body, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token())
+    assert {d["id"]: d["last_values"] for d in body["devices"]} == {
+        "http-dev": {"v": 119.0 % 7, "w": -119.0},
+        "ws-dev": {"v": 119.0 % 7, "w": -119.0},
+    }
+    assert all(d["online"] for d in body["devices"])

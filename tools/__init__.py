@@ -1,0 +1,1 @@
+"""Command-line tools that talk to a running Squall (``python -m tools.<name>``)."""
