@@ -259,8 +259,11 @@ class RedisBroker:
             return
         self._closed = True
         if self._listener is not None:
-            self._listener.cancel()
-            await asyncio.wait({self._listener})
+            # Cancel until it ends: on Python 3.11 redis-py's asyncio.wait_for can
+            # swallow a cancellation (CPython gh-86296), and the listener would go on.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait({self._listener}, timeout=0.1)
             if not self._listener.cancelled() and self._listener.exception() is not None:
                 log.error("redis listener had failed", exc_info=self._listener.exception())
             self._listener = None

@@ -82,6 +82,7 @@ log = logging.getLogger("squall.hub")
 MAX_RECOVERY: Final = 10_000  # publications one recovery may return
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
 LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
+CANCEL_RETRY_INTERVAL: Final = 0.1  # seconds close() gives a cancelled loop before cancelling again
 
 RpcHandler = Callable[["Client", bytes], Coroutine[Any, Any, bytes]]
 MessageHandler = Callable[["Client", bytes], None]
@@ -163,12 +164,14 @@ class Hub:
         for task in self._loops:
             task.cancel()
         for task in self._loops:
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # close() itself was cancelled
+            # Cancel again until it ends: on Python 3.11 redis-py awaits
+            # asyncio.wait_for, which swallows a cancellation that lands as its
+            # inner task finishes (CPython gh-86296), and the loop carries on.
+            while not task.done():
+                await asyncio.wait({task}, timeout=CANCEL_RETRY_INTERVAL)
+                task.cancel()
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background loop had failed", exc_info=task.exception())
         self._loops.clear()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)

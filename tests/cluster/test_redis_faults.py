@@ -1,0 +1,285 @@
+"""Redis failures under a running cluster: instances stay up, say so, and streams stay honest.
+
+Each test starts its own ``redis-server`` (``tests.helpers.services``) so it
+can kill and restart it by pid, or kill one instance's pub/sub connection
+with ``CLIENT KILL ID``. Subscribers record every SDK event in arrival order
+(``Timeline``), so the final view can be checked for duplicates and for gaps
+that were not announced (``check_stream``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from centrifuge import ClientState
+from redis.asyncio import Redis
+
+from tests.cluster import (
+    Sdk,
+    SubEvents,
+    api,
+    api_ok,
+    status,
+    take,
+    until,
+)
+from tests.helpers import services
+from tests.helpers.process import SquallCluster, SquallProcess
+
+PACE = 0.01  # seconds between one publisher's publications (load shape, not synchronisation)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[services.ServiceProcess]:
+    """A private redis-server (no persistence) this test may kill and restart."""
+    try:
+        svc = services.start_redis()
+    except RuntimeError as exc:
+        services.unavailable(str(exc))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def cluster(
+    redis_server: services.ServiceProcess, unique_prefix: str, tmp_path: Path
+) -> Iterator[SquallCluster]:
+    """Nodes on the private Redis; stopped by pid before it is."""
+    made = SquallCluster(f"redis://127.0.0.1:{redis_server.port}/0", unique_prefix, base=tmp_path)
+    yield made
+    made.close()
+    errors = made.error_lines()
+    if errors:
+        pytest.fail("error logs from the nodes:\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def sdk(cluster: SquallCluster, io_loop: Any) -> Iterator[Sdk]:
+    made = Sdk()
+    yield made
+    io_loop.run_sync(made.close)
+
+
+class Timeline(SubEvents):
+    """Subscription events in queues (``next``) and, in arrival order, in ``events``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, Any]] = []
+
+    def put(self, kind: str, ctx: Any) -> None:
+        self.events.append((kind, ctx))
+        super().put(kind, ctx)
+
+
+async def subscribe(client: Any, channel: str, **kw: Any) -> tuple[Any, Timeline]:
+    events = Timeline()
+    sub = client.new_subscription(channel, events=events, **kw)
+    await sub.subscribe()
+    await events.next("subscribed")
+    assert [c.code for c in events.drain("subscribing")] == [0]  # "subscribe called"
+    return sub, events
+
+
+def check_stream(timeline: Timeline) -> tuple[list[Any], list[Any]]:
+    """A recoverable subscription's view: no duplicate, and no gap that was not announced.
+
+    Offsets must follow each other, except right after a resubscribe that said
+    ``recovered: false`` (the application was told it missed something).
+    Returns (publication data in arrival order, recovery signals seen).
+    """
+    last: int | None = None
+    data: list[Any] = []
+    signals: list[Any] = []
+    for kind, ctx in timeline.events:
+        if kind == "subscribing" and ctx.code:
+            signals.append(ctx.code)
+        elif kind == "subscribed":
+            if ctx.was_recovering:
+                signals.append(("recovered", ctx.recovered))
+            if not (ctx.was_recovering and ctx.recovered):
+                last = ctx.stream_position.offset  # a fresh start, announced
+        elif kind == "publication":
+            offset = ctx.pub.offset
+            assert last is None or offset == last + 1, f"silent gap: {last} -> {offset}"
+            last = offset
+            data.append(ctx.pub.data)
+    keys = [(d["src"], d["n"]) for d in data]
+    assert len(keys) == len(set(keys)), f"duplicates in {keys}"
+    return data, signals
+
+
+@dataclass
+class Publisher:
+    """Publishes ``{"src", "n"}`` through one node's API; records what was acknowledged."""
+
+    node: SquallProcess
+    src: str
+    channel: str
+    attempted: list[int] = field(default_factory=list)
+    acked: list[int] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+
+    async def run(self, numbers: range) -> None:
+        for n in numbers:
+            self.attempted.append(n)
+            reply = await api(
+                self.node, "publish", {"channel": self.channel, "data": {"src": self.src, "n": n}}
+            )
+            if "result" in reply:
+                self.acked.append(n)
+            else:
+                assert reply["error"]["code"] == 100, reply  # temporary: retry later
+                self.refused.append(n)
+            await asyncio.sleep(PACE)
+
+
+def received(data: list[Any], src: str) -> list[int]:
+    return [d["n"] for d in data if d["src"] == src]
+
+
+async def test_redis_outage_instances_stay_up_deliver_locally_and_resume(
+    redis_server, cluster, sdk
+):
+    """With Redis killed mid-stream both instances stay up and deliver locally; after a restart
+    delivery resumes and recoverable subscribers are told recovered=false, with no duplicates."""
+    a, b = await cluster.start_async(2)
+    alice, alice_events = await sdk.connected(a.ws_url, "alice")
+    bob, bob_events = await sdk.connected(b.ws_url, "bob")
+    carol, carol_events = await sdk.connected(a.ws_url, "carol")  # bystander: no subscriptions
+    _, stream_a = await subscribe(alice, "chat:stream", recoverable=True)
+    _, stream_b = await subscribe(bob, "chat:stream", recoverable=True)
+    _, ticker_a = await subscribe(alice, "ticker")  # no history
+    ticker_b_sub, ticker_b = await subscribe(bob, "ticker")
+    pub_a = Publisher(a, "A", "chat:stream")
+    pub_b = Publisher(b, "B", "chat:stream")
+
+    # 1. Redis up: both instances' publications reach both subscribers.
+    await asyncio.gather(pub_a.run(range(10)), pub_b.run(range(10)))
+    for stream in (stream_a, stream_b):
+        await take(stream, 20)
+
+    # 2. Kill Redis while both publishers are sending.
+    sending = asyncio.gather(pub_a.run(range(10, 40)), pub_b.run(range(10, 40)))
+    await take(stream_a, 10)  # mid-stream: some of the second batch are through
+    acked_before_kill = {"A": list(pub_a.acked), "B": list(pub_b.acked)}
+    redis_server.kill()
+    await sending
+    assert pub_a.refused, "the publisher on A never saw Redis down"
+    assert pub_b.refused, "the publisher on B never saw Redis down"
+
+    # 3. Outage: up (/health 200), not ready (/ready 503), local delivery only.
+    for node in (a, b):
+        await until(lambda node=node: _status_is(node, "/ready", 503), what="/ready 503")
+        assert await status(node, "/health") == 200
+    reply = await api(a, "publish", {"channel": "chat:stream", "data": {"src": "A", "n": 99}})
+    assert reply["error"]["code"] == 100  # history channels: no position can be assigned
+    for n in range(3):
+        await api_ok(a, "publish", {"channel": "ticker", "data": {"src": "A", "n": n}})
+    await ticker_b_sub.publish({"src": "B", "n": 0})  # an SDK publish on B, delivered on B
+    assert [p.data for p in await take(ticker_a, 3)] == [{"src": "A", "n": n} for n in range(3)]
+    assert [p.data for p in await take(ticker_b, 1)] == [{"src": "B", "n": 0}]
+    reply = await api(b, "presence", {"channel": "chat:stream"})
+    assert reply["error"]["code"] == 100  # answered at once, as a temporary error
+    assert (await carol.rpc("echo", "up")).data == "up"
+    for node in (a, b):
+        assert node.running
+
+    # 4. Redis back on the same port, empty: ready again, streams restart announced.
+    redis_server.start()
+    for node in (a, b):
+        await until(lambda node=node: _status_is(node, "/ready", 200), what="/ready 200")
+    for stream, ticker in ((stream_a, ticker_a), (stream_b, ticker_b)):
+        ctx = await stream.next("subscribed")  # after an `unsubscribe` 2500
+        assert (ctx.was_recovering, ctx.recovered) == (True, False)  # new epoch: told, not hidden
+        await ticker.next("subscribed")
+
+    # 5. Cross-instance delivery resumes on both channels.
+    await asyncio.gather(pub_a.run(range(40, 50)), pub_b.run(range(40, 50)))
+    assert pub_a.acked[-10:] == list(range(40, 50))
+    assert pub_b.acked[-10:] == list(range(40, 50))
+    await api_ok(b, "publish", {"channel": "ticker", "data": {"src": "B", "n": 1}})
+    for ticker in (ticker_a, ticker_b):
+        assert [p.data for p in await take(ticker, 1)] == [{"src": "B", "n": 1}]
+
+    # Each subscriber's final view of the stream.
+    for stream in (stream_a, stream_b):
+        while True:  # everything acknowledged after the restart arrives
+            data = [ctx.pub.data for kind, ctx in stream.events if kind == "publication"]
+            if {40, 49} <= set(received(data, "A")) and {40, 49} <= set(received(data, "B")):
+                break
+            await stream.next("publication")
+        data, signals = check_stream(stream)
+        assert signals == [2500, ("recovered", False)]
+        for pub in (pub_a, pub_b):
+            got = received(data, pub.src)
+            assert got == sorted(got)  # one source's order is kept
+            assert set(got) <= set(pub.attempted)
+            assert set(acked_before_kill[pub.src]) <= set(got)  # delivered before Redis died
+            assert set(range(40, 50)) <= set(got)  # everything after the restart
+            assert not set(got) & {99}
+    for ticker in (ticker_a, ticker_b):
+        assert [c.code for k, c in ticker.events if k == "subscribing" and c.code] == [2500]
+
+    # Bystander and subscribers stayed connected throughout.
+    for events in (alice_events, bob_events, carol_events):
+        assert events.drain("connecting") == []
+        assert events.drain("disconnected") == []
+    assert carol.state is ClientState.CONNECTED
+
+
+async def _status_is(node: SquallProcess, path: str, code: int) -> bool:
+    return await status(node, path) == code
+
+
+async def test_pubsub_link_killed_on_one_instance_its_subscribers_recover_exactly(
+    redis_server, cluster, sdk
+):
+    """After Redis drops A's pub/sub link, A's subscriber gets 2500 and recovers exactly the
+    missed publications; B's subscriber notices nothing."""
+    # A reconnects after 1-2 s: long enough to publish while its link is certainly down.
+    cluster.add(**{"redis.reconnect_delay": 2.0, "redis.reconnect_max_delay": 2.0})
+    cluster.add()
+    a, b = await cluster.start_async()
+    alice, alice_events = await sdk.connected(a.ws_url, "alice")
+    bob, bob_events = await sdk.connected(b.ws_url, "bob")  # bystander on B
+    _, ev_a = await subscribe(alice, "chat:link", recoverable=True)
+    _, ev_b = await subscribe(bob, "chat:link", recoverable=True)
+    publisher = Publisher(b, "B", "chat:link")
+    await publisher.run(range(1, 4))
+    for ev in (ev_a, ev_b):
+        assert [p.data["n"] for p in await take(ev, 3)] == [1, 2, 3]
+
+    redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    try:
+        links = await redis.client_list(_type="pubsub")
+        (link,) = [c for c in links if c["name"] == "node-a"]
+        assert await redis.client_kill_filter(_id=link["id"]) == 1
+    finally:
+        await redis.aclose()
+    await until(lambda: _status_is(a, "/ready", 503), what="A notices its link is gone")
+    await publisher.run(range(4, 9))  # A is not subscribed in Redis now: it misses these
+    assert publisher.acked == list(range(1, 9))
+    assert await status(b, "/ready") == 200
+
+    ctx = await ev_a.next("subscribing")
+    assert (ctx.code, ctx.reason) == (2500, "insufficient state")
+    ctx = await ev_a.next("subscribed", within=10)
+    assert (ctx.was_recovering, ctx.recovered) == (True, True)
+    await until(lambda: _status_is(a, "/ready", 200), what="A ready again")
+    await publisher.run(range(9, 10))
+
+    for ev in (ev_a, ev_b):
+        got = await take(ev, 6)
+        assert [(p.offset, p.data["n"]) for p in got] == [(n, n) for n in range(4, 10)]
+        data, _ = check_stream(ev)
+        assert [d["n"] for d in data] == list(range(1, 10))
+        assert ev.drain("publication") == []
+    assert [c.code for k, c in ev_b.events if k == "subscribing" and c.code] == []
+    for events in (alice_events, bob_events):
+        assert events.drain("connecting") == []
