@@ -43,7 +43,7 @@ def text_frame(payload: bytes) -> bytes:
 class WebSocketTransport:
     """``server.client.Transport`` over one Tornado WebSocket connection."""
 
-    __slots__ = ("_handler", "_raw", "_stream", "remote")
+    __slots__ = ("_direct", "_handler", "_raw", "_stream", "remote")
 
     def __init__(self, handler: CentrifugoWebSocket, raw: bool) -> None:
         self._handler = handler
@@ -51,6 +51,8 @@ class WebSocketTransport:
         # WebSocketProtocol13 keeps the detached IOStream as ``stream``.
         self._stream: tornado.iostream.IOStream | None = getattr(conn, "stream", None)
         self._raw = raw and self._stream is not None
+        # Direct socket sends only on plain TCP streams (TLS goes through the stream).
+        self._direct = type(self._stream) is tornado.iostream.IOStream
         self.remote = handler.request.remote_ip or ""
 
     def write(self, payload: bytes, frames: FrameCache) -> None:
@@ -66,8 +68,25 @@ class WebSocketTransport:
         else:
             frame = text_frame(payload)
             frames[id(payload)] = (payload, frame)
+        stream = self._stream
+        if stream is None:  # pragma: no cover - _raw implies a stream
+            raise TransportError("no stream")
+        if self._direct and not stream.writing():
+            # Nothing queued in the stream: send now. IOStream.write would also
+            # make a Future and schedule its callback for every frame, which is
+            # most of the per-recipient cost of a broadcast.
+            try:
+                sent = stream.socket.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                stream.close()
+                raise TransportError("closed") from None
+            if sent == len(frame):
+                return
+            frame = frame[sent:]  # the rest goes through the stream, in order
         try:
-            self._stream.write(frame)  # type: ignore[union-attr]  # set whenever _raw is
+            _ = stream.write(frame)  # not awaited: the buffer limit is the flow control
         except tornado.iostream.StreamBufferFullError:
             raise TransportBufferFull("write buffer full") from None
         except tornado.iostream.StreamClosedError:

@@ -465,8 +465,9 @@ async def test_slow_client_with_a_full_socket_buffer_still_gets_3008(squall):
         assert "subscribe" in await c.command("subscribe", {"channel": "news"})
     # White-box: make the slow client's socket buffer "full" at the current byte,
     # so that not even the close frame fits under the limit.
-    stream = sq.hub.clients[slow_id].transport._stream
-    stream.max_write_buffer_size = 0
+    transport = sq.hub.clients[slow_id].transport
+    transport._direct = False  # as when earlier frames are still queued in the stream
+    transport._stream.max_write_buffer_size = 0
     with expect_log("squall.client", rf"disconnect code=3008 reason=slow client={slow_id}"):
         await sq.api("publish", {"channel": "news", "data": "after"})
         assert (await next_pub_data(fast)) == "after"
