@@ -1,0 +1,788 @@
+"""``MongoStore``: durable publications in MongoDB (or FerretDB), written behind.
+
+Write path
+    ``append`` BSON-encodes the document at once, so an invalid or oversized
+    publication is refused right there with ``ValueError`` (the caller's
+    bug, not an outage), then puts it on a bounded in-memory queue and
+    returns. ``StoreFullError`` when the queue holds ``queue_size``
+    publications. One flusher task writes the queue head with
+    ``insert_many(ordered=False)`` once ``batch_size`` publications wait or the
+    oldest has waited ``flush_interval``; a batch leaves the queue only after
+    the server acknowledged it, so batches reach the server in queue order.
+    Duplicate-key errors count as written (a retry after a lost
+    acknowledgement, STYLE.md 16). Any other failure keeps the batch, marks
+    the store not ready and retries with capped, jittered exponential
+    backoff until the server is back. A document the server refuses outright
+    (a per-document write error other than a duplicate key) is dropped and
+    logged at ERROR with its position: retrying it would stall every channel.
+
+Read path
+    ``read_since`` and ``latest`` merge the queue with the collection (the
+    queue is snapshotted before the query, then deduplicated by position),
+    so history and recovery see a publication as soon as ``append`` returned.
+    ``latest`` names the epoch of the most recently *accepted* publication of
+    the channel (as ``MemoryStore`` does) and the highest offset of that epoch.
+
+Documents (collection ``MongoConfig.collection``)::
+
+    {_id: ObjectId, channel: str, epoch: str, offset: int64,
+     data: BinData(0),                 # the raw JSON bytes, exactly as given
+     info: {user, client, conn_info: BinData|absent, chan_info: BinData|absent}
+           | absent,
+     tags: [{k: str, v: str}, ...] | absent,
+     time: int64 (unix ms, from the broker), created_at: date (accepted at),
+     expire_at: date | absent}        # created_at + PersistOptions.ttl
+
+    ``data`` stays binary so it round-trips byte for byte (no re-encoding of
+    numbers or key order). Tags are an array of pairs, not a subdocument,
+    because tag keys may contain ``.`` or start with ``$``; pairs are
+    documents, not arrays, because FerretDB v1 rejects nested arrays.
+
+Indexes, created idempotently by ``start``
+    ``channel_epoch_offset`` unique (channel, epoch, offset): idempotent
+    writes, and serves ``read_since`` (equality on channel and epoch, range
+    and sort on offset). ``channel_recent`` (channel, created_at -1,
+    offset -1): ``latest`` of a channel and size trimming. ``expire_at``: a
+    TTL index (``expireAfterSeconds: 0``, each document carries its own
+    deadline because ``ttl`` differs per channel) where the server supports
+    it; FerretDB v1 answers NotImplemented, so there it is a plain index and
+    a background pass deletes expired documents.
+
+Retention
+    Reads never return a publication past its ``expire_at``. A background
+    pass every ``retention_interval`` deletes up to ``retention_batch``
+    expired documents (when there is no TTL index) and trims up to
+    ``retention_batch`` channels, written to since the last pass, to their
+    newest ``PersistOptions.size`` publications (ordered by acceptance).
+
+FerretDB v1 (SQLite backend) pushes only ``_id`` equality down to SQLite:
+every other filter and sort runs over a full scan, so on FerretDB the
+indexes above enforce uniqueness but do not speed reads up. ``explain_read``
+shows what the server does with the exact history query.
+
+Errors: driver exceptions become ``EngineError`` here; ``status()`` reports
+the last failure. The URL (which may carry a password) is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import bson
+from bson import ObjectId
+from bson.errors import InvalidDocument
+from bson.raw_bson import RawBSONDocument
+
+from server.broker import ClientInfo, Publication, StreamPosition
+from server.config import MongoConfig
+from server.errors import ConfigError, EngineError, StoreFullError
+from server.store import PersistOptions, Store, StoreStatus
+
+log = logging.getLogger("squall.store.mongo")
+
+HISTORY_INDEX: Final = "channel_epoch_offset"
+RECENT_INDEX: Final = "channel_recent"
+EXPIRE_INDEX: Final = "expire_at"
+MAX_BSON_DOCUMENT_BYTES: Final = 16 * 1024 * 1024
+DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
+# createIndexes answers meaning "no TTL index here": NotImplemented (FerretDB v1),
+# InvalidIndexSpecificationOption, CannotCreateIndex, IndexOptionsConflict.
+NO_TTL_CODES: Final = frozenset({238, 197, 67, 85})
+STATS_LOG_INTERVAL: Final = 10.0  # seconds between DEBUG write-latency summaries
+_MAX_BACKOFF_STEPS: Final = 16
+_PROJECTION: Final = {"_id": 0, "offset": 1, "epoch": 1, "data": 1, "info": 1, "tags": 1, "time": 1}
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One accepted publication waiting for the flusher."""
+
+    channel: str
+    pub: Publication
+    doc: RawBSONDocument
+    size: int  # PersistOptions.size, applied once written
+    expire_at: datetime | None
+    accepted: float  # time.monotonic()
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter (each delay in [ceiling/2, ceiling])."""
+
+    def __init__(self, base: float, cap: float) -> None:
+        self._base = base
+        self._cap = cap
+        self._steps = 0
+
+    def next(self) -> float:
+        ceiling = min(self._cap, self._base * 2 ** min(self._steps, _MAX_BACKOFF_STEPS))
+        self._steps += 1
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
+
+    def reset(self) -> None:
+        self._steps = 0
+
+
+class _Client:
+    """The one place where AsyncMongoClient and Motor differ; both are imported lazily.
+
+    Collections, cursors and their methods (``insert_many``, ``find(...).to_list``,
+    ``find_one``, ``delete_many``, ``create_index``, ``command``) are awaited the
+    same way with either driver; only construction and ``close`` differ.
+    """
+
+    def __init__(self, cfg: MongoConfig) -> None:
+        ms = max(1, int(cfg.timeout * 1000))
+        options: dict[str, Any] = {
+            "serverSelectionTimeoutMS": ms,
+            "connectTimeoutMS": ms,
+            "socketTimeoutMS": ms,
+            "tz_aware": True,
+            "appname": "squall",
+        }
+        self.driver = cfg.driver
+        if cfg.driver == "motor":
+            from motor.motor_asyncio import AsyncIOMotorClient  # optional driver
+
+            self.client: Any = AsyncIOMotorClient(cfg.url, **options)
+        else:
+            from pymongo import AsyncMongoClient
+
+            self.client = AsyncMongoClient(cfg.url, **options)
+        self.db: Any = self.client[cfg.database]
+        self.coll: Any = self.db[cfg.collection]
+
+    async def close(self) -> None:
+        if self.driver == "motor":
+            self.client.close()  # Motor: a plain method
+        else:
+            await self.client.close()
+
+
+class MongoStore:
+    """Write-behind ``Store`` over MongoDB or FerretDB; see the module docstring."""
+
+    def __init__(self, cfg: MongoConfig) -> None:
+        _check_config(cfg)
+        self._cfg = cfg
+        self._client: _Client | None = None
+        self._queue: deque[_Pending] = deque()
+        # channel -> {(epoch, offset): item}, in acceptance order (for merged reads)
+        self._pending: dict[str, dict[tuple[str, int], _Pending]] = {}
+        self._trim: dict[str, int] = {}  # channels written since the last pass -> size
+        self._write_lock = asyncio.Lock()  # one writer: flusher batch or remove()
+        self._wakeup = asyncio.Event()  # something was queued (or close started)
+        self._batch_ready = asyncio.Event()  # a full batch waits (or close started)
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._stop = asyncio.Event()  # background tasks return at their next step
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._closing = False
+        self._ttl_index = False
+        self._ready = False
+        self._error = "not started"
+        self._down_since = 0.0
+        self._last_latency = 0.0
+        self._written = 0
+        self._rejected = 0
+        self._retries = 0
+        self._stats = [0, 0, 0.0, 0.0]  # batches, documents, latency sum, latency max
+        self._stats_logged = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, create indexes (idempotently) and start the background tasks.
+
+        Raises:
+            EngineError: the server cannot be reached or refused an index.
+        """
+        if self._started:
+            return
+        try:
+            self._client = _Client(self._cfg)  # raises on a malformed URL
+            await self._create_indexes(self._client.coll)
+        except Exception as exc:
+            if self._client is not None:
+                await self._client.close()
+                self._client = None
+            raise EngineError(f"mongo store: cannot start: {self._describe(exc)}") from None
+        self._started = True
+        self._mark_up()
+        self._tasks = [
+            asyncio.create_task(self._flush_forever(), name="squall-mongo-flusher"),
+            asyncio.create_task(self._retention_forever(), name="squall-mongo-retention"),
+        ]
+        log.info(
+            "mongo store started driver=%s hosts=%s database=%s collection=%s ttl_index=%s",
+            self._cfg.driver,
+            _hosts(self._cfg.url),
+            self._cfg.database,
+            self._cfg.collection,
+            self._ttl_index,
+        )
+
+    async def close(self) -> None:
+        """Write what is queued within ``shutdown_flush_timeout``, then disconnect. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wakeup.set()
+        self._batch_ready.set()
+        if self._started and self._queue:
+            await _wait(self._drained, self._cfg.shutdown_flush_timeout)
+        await self._stop_tasks()
+        if self._queue:
+            log.error(
+                "mongo store closed with %d accepted publications not written error=%s",
+                len(self._queue),
+                self._error or "shutdown flush timeout",
+            )
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        self._ready = False
+        self._error = "closed"
+
+    async def _stop_tasks(self) -> None:
+        # Tasks are asked to stop rather than cancelled: cancelling PyMongo while it
+        # opens a connection leaks the socket. Each driver call ends within
+        # ``timeout``, so asking is enough; cancelling is the fallback.
+        self._stop.set()
+        self._wakeup.set()
+        self._batch_ready.set()
+        tasks, self._tasks = self._tasks, []
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=self._cfg.timeout + 1.0)
+        for task in stuck:
+            log.warning("mongo store task did not stop; cancelling task=%s", task.get_name())
+            task.cancel()
+        if stuck:
+            await asyncio.wait(stuck, timeout=1.0)
+
+    # -- Store -----------------------------------------------------------------
+
+    async def append(self, channel: str, pub: Publication, opts: PersistOptions) -> None:
+        """Accept one publication; it is written in the background.
+
+        Raises:
+            ValueError: the document is invalid or larger than ``max_document_bytes``.
+            StoreFullError: ``queue_size`` publications are already waiting.
+            EngineError: the store is not started or already closed.
+        """
+        if not self._started or self._closing:
+            raise EngineError("mongo store is not running")
+        key = (pub.epoch, pub.offset)
+        waiting = self._pending.get(channel)
+        if waiting is not None and key in waiting:
+            return  # idempotent: the same position is already queued
+        item = self._encode(channel, pub, opts)
+        if len(self._queue) >= self._cfg.queue_size:
+            raise StoreFullError(
+                f"mongo store queue full: {len(self._queue)} publications not yet written"
+            )
+        self._queue.append(item)
+        self._pending.setdefault(channel, {})[key] = item
+        self._drained.clear()
+        self._wakeup.set()
+        if len(self._queue) >= self._cfg.batch_size:
+            self._batch_ready.set()
+
+    async def read_since(
+        self,
+        channel: str,
+        *,
+        since: StreamPosition | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> list[Publication]:
+        # Snapshot the queue before any await: whatever leaves it during the
+        # query was written before being removed, so the query or the snapshot
+        # has it.
+        queued = list(self._pending.get(channel, {}).values())
+        if since is None:
+            epoch = queued[-1].pub.epoch if queued else None
+            if epoch is None:
+                pos = await self._db_latest(channel)
+                if pos is None:
+                    return []
+                epoch = pos.epoch
+            after = 0
+        else:
+            epoch, after = since.epoch, since.offset
+        if limit == 0:
+            return []
+        now = datetime.now(UTC)
+        query, sort = _history_query(channel, epoch, after, now, reverse)
+        docs = await self._run(
+            self._coll().find(query, _PROJECTION, sort=sort, limit=limit or 0).to_list(None)
+        )
+        found = {int(d["offset"]): _decode(d) for d in docs}
+        for item in queued:
+            p = item.pub
+            if p.epoch == epoch and p.offset > after and not _expired(item.expire_at, now):
+                found.setdefault(p.offset, p)
+        pubs = [found[o] for o in sorted(found, reverse=reverse)]
+        return pubs if limit is None else pubs[:limit]
+
+    async def latest(self, channel: str) -> StreamPosition | None:
+        queued = list(self._pending.get(channel, {}).values())  # snapshot before the query
+        stored = await self._db_latest(channel)
+        if not queued:
+            return stored
+        # The last accepted publication names the epoch. A queued retry of an
+        # already stored publication must not pull the offset back, so the
+        # top offset is the highest of that epoch, queued or stored.
+        epoch = queued[-1].pub.epoch
+        top = max(p.pub.offset for p in queued if p.pub.epoch == epoch)
+        if stored is not None and stored.epoch == epoch:
+            top = max(top, stored.offset)
+        return StreamPosition(top, epoch)
+
+    async def remove(self, channel: str) -> None:
+        """Drop the channel's queued and stored publications.
+
+        Raises:
+            EngineError: the server could not be reached (queued ones are gone anyway).
+        """
+        async with self._write_lock:  # not while a batch holding this channel is in flight
+            if self._pending.pop(channel, None) is not None:
+                self._queue = deque(p for p in self._queue if p.channel != channel)
+                if not self._queue:
+                    self._drained.set()
+            self._trim.pop(channel, None)
+            await self._run(self._coll().delete_many({"channel": channel}))
+
+    def status(self) -> StoreStatus:
+        oldest = time.monotonic() - self._queue[0].accepted if self._queue else 0.0
+        return StoreStatus(
+            ready=self._ready,
+            queue_depth=len(self._queue),
+            queue_limit=self._cfg.queue_size,
+            last_write_latency=self._last_latency,
+            error="" if self._ready else self._error,
+            extra={
+                "driver": self._cfg.driver,
+                "database": self._cfg.database,
+                "collection": self._cfg.collection,
+                "ttl_index": self._ttl_index,
+                "written": self._written,
+                "rejected": self._rejected,
+                "write_retries": self._retries,
+                "oldest_queued_age": round(oldest, 3),
+            },
+        )
+
+    # -- diagnostics -----------------------------------------------------------
+
+    async def explain_read(
+        self,
+        channel: str,
+        since: StreamPosition,
+        *,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> dict[str, Any]:
+        """The server's ``explain`` of the query ``read_since`` sends for these arguments."""
+        query, sort = _history_query(channel, since.epoch, since.offset, datetime.now(UTC), reverse)
+        cursor = self._coll().find(query, _PROJECTION, sort=sort, limit=limit or 0)
+        plan: dict[str, Any] = await self._run(cursor.explain())
+        return plan
+
+    # -- internals -------------------------------------------------------------
+
+    def _coll(self) -> Any:
+        if self._client is None:
+            raise EngineError("mongo store is not running")
+        return self._client.coll
+
+    async def _create_indexes(self, coll: Any) -> None:
+        from pymongo.errors import OperationFailure
+
+        await coll.create_index(
+            [("channel", 1), ("epoch", 1), ("offset", 1)], name=HISTORY_INDEX, unique=True
+        )
+        await coll.create_index(
+            [("channel", 1), ("created_at", -1), ("offset", -1)], name=RECENT_INDEX
+        )
+        try:
+            await coll.create_index([("expire_at", 1)], name=EXPIRE_INDEX, expireAfterSeconds=0)
+            self._ttl_index = True
+        except OperationFailure as exc:
+            if exc.code not in NO_TTL_CODES:
+                raise
+            log.info(
+                "mongo server has no TTL indexes (code=%s); expiring in the background", exc.code
+            )
+            await coll.create_index([("expire_at", 1)], name=EXPIRE_INDEX)
+            self._ttl_index = False
+
+    def _encode(self, channel: str, pub: Publication, opts: PersistOptions) -> _Pending:
+        if not isinstance(pub.data, bytes):
+            raise ValueError(
+                f"publication data must be bytes (raw JSON), got {type(pub.data).__name__}"
+            )
+        now = datetime.now(UTC)
+        doc: dict[str, Any] = {
+            "_id": ObjectId(),
+            "channel": channel,
+            "epoch": pub.epoch,
+            "offset": pub.offset,
+            "data": pub.data,
+            "time": pub.time,
+            "created_at": now,
+        }
+        if pub.info is not None:
+            info: dict[str, Any] = {"user": pub.info.user, "client": pub.info.client}
+            if pub.info.conn_info is not None:
+                info["conn_info"] = pub.info.conn_info
+            if pub.info.chan_info is not None:
+                info["chan_info"] = pub.info.chan_info
+            doc["info"] = info
+        if pub.tags:
+            doc["tags"] = [{"k": k, "v": v} for k, v in pub.tags.items()]
+        expire_at = now + timedelta(seconds=opts.ttl) if opts.ttl > 0 else None
+        if expire_at is not None:
+            doc["expire_at"] = expire_at
+        try:
+            raw = bson.encode(doc)
+        except (InvalidDocument, OverflowError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"publication {channel!r} offset {pub.offset}: cannot be stored: {exc}"
+            ) from None
+        if len(raw) > self._cfg.max_document_bytes:
+            raise ValueError(
+                f"publication {channel!r} offset {pub.offset}: stored document is {len(raw)} "
+                f"bytes, over the limit of {self._cfg.max_document_bytes} "
+                "(mongodb.max_document_bytes)"
+            )
+        return _Pending(channel, pub, RawBSONDocument(raw), opts.size, expire_at, time.monotonic())
+
+    async def _db_latest(self, channel: str) -> StreamPosition | None:
+        doc = await self._run(
+            self._coll().find_one(
+                {"channel": channel},
+                {"_id": 0, "offset": 1, "epoch": 1},
+                sort=[("created_at", -1), ("offset", -1)],
+            )
+        )
+        if doc is None:
+            return None
+        return StreamPosition(int(doc["offset"]), str(doc["epoch"]))
+
+    async def _run(self, op: Any) -> Any:
+        """Await one driver operation, mapping driver errors to ``EngineError``."""
+        from pymongo.errors import ConnectionFailure, PyMongoError
+
+        try:
+            return await op
+        except ConnectionFailure as exc:
+            self._mark_down(exc)
+            raise EngineError(f"mongo store unavailable: {self._describe(exc)}") from None
+        except PyMongoError as exc:
+            raise EngineError(f"mongo store: {self._describe(exc)}") from None
+
+    # -- flusher ---------------------------------------------------------------
+
+    async def _flush_forever(self) -> None:
+        from pymongo.errors import PyMongoError
+
+        backoff = _Backoff(self._cfg.retry_delay, self._cfg.retry_max_delay)
+        while not self._stop.is_set():
+            if not self._queue:
+                self._wakeup.clear()
+                idle = self._cfg.ping_interval or None
+                if not await _wait(self._wakeup, idle) and not self._stop.is_set():
+                    await self._ping()
+                continue
+            wait = self._cfg.flush_interval - (time.monotonic() - self._queue[0].accepted)
+            if len(self._queue) < self._cfg.batch_size and not self._closing and wait > 0:
+                self._batch_ready.clear()
+                await _wait(self._batch_ready, wait)
+            try:
+                await self._flush_batch()
+            except asyncio.CancelledError:
+                raise
+            except PyMongoError as exc:
+                self._retries += 1
+                self._mark_down(exc)
+                await _wait(self._stop, backoff.next())
+                continue
+            except Exception:
+                # A bug, not an outage: say so loudly, keep the queue, keep trying.
+                log.exception("mongo store flusher failed; retrying")
+                await _wait(self._stop, backoff.next())
+                continue
+            backoff.reset()
+
+    async def _flush_batch(self) -> None:
+        from pymongo.errors import BulkWriteError
+
+        async with self._write_lock:
+            batch = list(itertools.islice(self._queue, self._cfg.batch_size))
+            if not batch:
+                return
+            started = time.monotonic()
+            try:
+                await self._coll().insert_many([p.doc for p in batch], ordered=False)
+            except BulkWriteError as exc:
+                details = exc.details or {}
+                if details.get("writeConcernErrors"):
+                    raise  # applied but not durably acknowledged: retry (duplicates are fine)
+                self._reject(batch, details.get("writeErrors", []))
+            latency = time.monotonic() - started
+            for item in batch:
+                self._queue.popleft()
+                queued = self._pending.get(item.channel)
+                key = (item.pub.epoch, item.pub.offset)
+                if queued is not None and queued.get(key) is item:
+                    del queued[key]
+                    if not queued:
+                        del self._pending[item.channel]
+                if item.size > 0:
+                    self._trim[item.channel] = item.size
+            if not self._queue:
+                self._drained.set()
+        self._written += len(batch)
+        self._last_latency = latency
+        self._note_batch(len(batch), latency)
+        self._mark_up()
+
+    def _reject(self, batch: list[_Pending], errors: list[dict[str, Any]]) -> None:
+        for err in errors:
+            if err.get("code") in DUPLICATE_KEY_CODES:
+                continue  # already stored by an earlier attempt
+            item = batch[int(err.get("index", 0))]
+            self._rejected += 1
+            # errmsg may quote the document (user data): log only its position and the code.
+            log.error(
+                "mongo server refused a publication; dropped channel=%s epoch=%s offset=%d code=%s",
+                item.channel,
+                item.pub.epoch,
+                item.pub.offset,
+                err.get("code"),
+            )
+
+    async def _ping(self) -> None:
+        from pymongo.errors import PyMongoError
+
+        if self._client is None:
+            return
+        try:
+            await self._client.db.command("ping")
+        except asyncio.CancelledError:
+            raise
+        except PyMongoError as exc:
+            self._mark_down(exc)
+        else:
+            self._mark_up()
+
+    def _mark_down(self, exc: BaseException) -> None:
+        self._error = self._describe(exc)
+        if self._ready:
+            self._ready = False
+            self._down_since = time.monotonic()
+            log.warning(
+                "mongo store unavailable; publications stay queued queue_depth=%d error=%s",
+                len(self._queue),
+                self._error,
+            )
+
+    def _mark_up(self) -> None:
+        if not self._ready:
+            self._ready = True
+            if self._down_since:
+                log.info(
+                    "mongo store recovered after %.1fs queue_depth=%d",
+                    time.monotonic() - self._down_since,
+                    len(self._queue),
+                )
+            self._down_since = 0.0
+        self._error = ""
+
+    def _note_batch(self, count: int, latency: float) -> None:
+        s = self._stats
+        s[0] += 1
+        s[1] += count
+        s[2] += latency
+        s[3] = max(s[3], latency)
+        now = time.monotonic()
+        if now - self._stats_logged >= STATS_LOG_INTERVAL:
+            log.debug(
+                "mongo writes batches=%d publications=%d latency_avg=%.4fs latency_max=%.4fs "
+                "queue_depth=%d",
+                s[0],
+                s[1],
+                s[2] / s[0],
+                s[3],
+                len(self._queue),
+            )
+            self._stats = [0, 0, 0.0, 0.0]
+            self._stats_logged = now
+
+    # -- retention -------------------------------------------------------------
+
+    async def _retention_forever(self) -> None:
+        from pymongo.errors import PyMongoError
+
+        while not await _wait(self._stop, self._cfg.retention_interval):
+            try:
+                await self._retention_pass()
+            except asyncio.CancelledError:
+                raise
+            except PyMongoError as exc:
+                # Readiness is the flusher's and pinger's call; the next pass retries.
+                log.debug("mongo retention pass failed error=%s", self._describe(exc))
+            except Exception:
+                log.exception("mongo store retention pass failed")
+
+    async def _retention_pass(self) -> None:
+        coll = self._coll()
+        if not self._ttl_index:
+            expired = await coll.find(
+                {"expire_at": {"$lte": datetime.now(UTC)}},
+                {"_id": 1},
+                limit=self._cfg.retention_batch,
+            ).to_list(None)
+            if expired:
+                await coll.delete_many({"_id": {"$in": [d["_id"] for d in expired]}})
+        for channel in list(itertools.islice(self._trim, self._cfg.retention_batch)):
+            if self._stop.is_set():
+                return
+            size = self._trim.pop(channel)
+            try:
+                await self._trim_channel(coll, channel, size)
+            except BaseException:
+                self._trim.setdefault(channel, size)  # try again next pass
+                raise
+
+    async def _trim_channel(self, coll: Any, channel: str, size: int) -> None:
+        boundary = await coll.find_one(
+            {"channel": channel},
+            {"_id": 0, "created_at": 1, "offset": 1},
+            sort=[("created_at", -1), ("offset", -1)],
+            skip=size,
+        )
+        if boundary is None:
+            return
+        at = boundary["created_at"]
+        await coll.delete_many(
+            {
+                "channel": channel,
+                "$or": [
+                    {"created_at": {"$lt": at}},
+                    {"created_at": at, "offset": {"$lte": boundary["offset"]}},
+                ],
+            }
+        )
+
+    def _describe(self, exc: BaseException) -> str:
+        """A short, password-free description of a driver error."""
+        text = str(exc).split(", Timeout:")[0].split(", full error:")[0]
+        password = _password(self._cfg.url)
+        if password:
+            text = text.replace(password, "***")
+        return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _history_query(
+    channel: str, epoch: str, after: int, now: datetime, reverse: bool
+) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    query = {
+        "channel": channel,
+        "epoch": epoch,
+        "offset": {"$gt": after},
+        "expire_at": {"$not": {"$lte": now}},  # also matches documents without a deadline
+    }
+    return query, [("offset", -1 if reverse else 1)]
+
+
+def _decode(doc: Mapping[str, Any]) -> Publication:
+    info = doc.get("info")
+    tags = doc.get("tags")
+    return Publication(
+        offset=int(doc["offset"]),
+        epoch=str(doc["epoch"]),
+        data=bytes(doc["data"]),
+        info=None
+        if info is None
+        else ClientInfo(
+            user=info["user"],
+            client=info["client"],
+            conn_info=_opt_bytes(info.get("conn_info")),
+            chan_info=_opt_bytes(info.get("chan_info")),
+        ),
+        time=int(doc.get("time", 0)),
+        tags=None if tags is None else {t["k"]: t["v"] for t in tags},
+    )
+
+
+def _opt_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _expired(expire_at: datetime | None, now: datetime) -> bool:
+    return expire_at is not None and expire_at <= now
+
+
+async def _wait(event: asyncio.Event, seconds: float | None) -> bool:
+    """Wait for ``event`` up to ``seconds`` (forever if ``None``); whether it was set."""
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _netloc(url: str) -> str:
+    rest = url.partition("://")[2]
+    return rest.split("/", 1)[0].split("?", 1)[0]
+
+
+def _hosts(url: str) -> str:
+    """``host:port[,host:port]`` of a MongoDB URL, without user or password."""
+    return _netloc(url).rpartition("@")[2]
+
+
+def _password(url: str) -> str:
+    userinfo, at, _ = _netloc(url).rpartition("@")
+    return userinfo.partition(":")[2] if at else ""
+
+
+def _check_config(cfg: MongoConfig) -> None:
+    positive: dict[str, float] = {
+        "mongodb.queue_size": cfg.queue_size,
+        "mongodb.batch_size": cfg.batch_size,
+        "mongodb.max_document_bytes": cfg.max_document_bytes,
+        "mongodb.timeout": cfg.timeout,
+        "mongodb.retention_interval": cfg.retention_interval,
+        "mongodb.retention_batch": cfg.retention_batch,
+        "mongodb.retry_delay": cfg.retry_delay,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    if cfg.max_document_bytes > MAX_BSON_DOCUMENT_BYTES:
+        raise ConfigError(
+            f"mongodb.max_document_bytes: at most {MAX_BSON_DOCUMENT_BYTES} (the BSON limit), "
+            f"got {cfg.max_document_bytes}"
+        )
+    if not cfg.collection:
+        raise ConfigError("mongodb.collection: must not be empty")
+    if cfg.driver not in ("pymongo", "motor"):
+        raise ConfigError(f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.driver!r}")
+
+
+def _conforms(s: MongoStore) -> Store:
+    return s
