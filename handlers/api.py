@@ -73,6 +73,12 @@ class Api:
         channel, opts = self._channel(p)
         if "data" not in p:
             raise ClientError(codes.BAD_REQUEST, "data required")
+        if opts.telemetry:
+            # Telemetry is validated, rate-limited and stored per device; a plain
+            # publish would skip all of it and put unchecked data in front of dashboards.
+            raise ClientError(
+                codes.BAD_REQUEST, "telemetry channels take points through POST /api/telemetry"
+            )
         if p.get("skip_history"):
             opts = _without_history(opts)
         position = await self.hub.publish(

@@ -511,3 +511,13 @@ async def test_ingest_to_storage_to_query_through_both_paths(squall, backend):
         "ws-dev": {"v": 119.0 % 7, "w": -119.0},
     }
     assert all(d["online"] for d in body["devices"])
+
+
+async def test_server_api_publish_to_a_telemetry_channel_is_refused(squall):
+    """The plain server API cannot bypass telemetry validation and storage (107 with a hint)."""
+    sq = await squall()
+    reply = await sq.api("publish", {"channel": "telemetry:dev1", "data": {"values": "junk"}})
+    assert reply["error"]["code"] == 107
+    assert "POST /api/telemetry" in reply["error"]["message"]
+    reply = await sq.api("broadcast", {"channels": ["telemetry:dev1"], "data": {}})
+    assert reply["result"]["responses"][0]["error"]["code"] == 107
