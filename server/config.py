@@ -224,6 +224,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = {
     "SQUALL_REDIS_URL": "redis.url",
     "SQUALL_MONGODB_URL": "mongodb.url",
     "SQUALL_MONGODB_DATABASE": "mongodb.database",
+    "SQUALL_MONGODB_DRIVER": "mongodb.driver",
 }
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from typing import Final
 
 from server.broker import Broker, PresenceManager
 from server.config import Config
@@ -12,6 +13,12 @@ from server.store import Store
 from server.telemetry_store import TelemetryStore
 
 log = logging.getLogger("squall.engines")
+
+# scheme://user:password@ - the password runs to the '@' and, as RFC 3986 and the
+# MongoDB URI spec require ':', '/', '?', '#' and '@' in it to be percent-encoded,
+# contains none of them. No host parsing: multi-host MongoDB URLs
+# (``mongodb://u:p@h1:27017,h2:27018/db``) are not valid for ``urlsplit().port``.
+_USERINFO_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^@/?#]*@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,14 +30,8 @@ class Engines:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    """The URL with its password (if any) replaced by ``***``, for logs; never raises."""
+    return _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
 
 
 def make_engines(config: Config, *, node_id: str) -> Engines:

@@ -7,7 +7,9 @@
     ├── ClientError          one command failed: becomes an ``error`` reply
     ├── DisconnectError      the connection must end with a ``Disconnect`` code
     └── EngineError          a broker or store failed (connection lost, timeout)
-        └── StoreFullError   the durable write queue is full; retry later
+        ├── StoreFullError   the durable write queue is full; retry later
+        └── StoreRejectedError  the store can never keep this publication (too
+                             large, unencodable); retrying will not help
 
 Driver exceptions (redis-py, PyMongo) are mapped to ``EngineError`` at the
 engine boundary, so the hub and handlers never import a driver.
@@ -53,3 +55,11 @@ class EngineError(SquallError):
 
 class StoreFullError(EngineError):
     """The durable write-behind queue is full; the publish was not accepted."""
+
+
+class StoreRejectedError(EngineError):
+    """The store refuses this publication for good (too large or not encodable).
+
+    Not an outage: the same publication would be refused again. The hub maps it
+    to client error 107 (bad request) with this message.
+    """

@@ -66,7 +66,7 @@ from server.broker import (
     StreamPosition,
 )
 from server.config import ChannelOptions, Config
-from server.errors import ClientError, EngineError, StoreFullError
+from server.errors import ClientError, EngineError, StoreFullError, StoreRejectedError
 from server.metrics import Metrics
 from server.protocol import encode_push, pub_to_dict
 from server.protocol.codec import info_to_dict
@@ -83,6 +83,10 @@ MAX_RECOVERY: Final = 10_000  # publications one recovery may return
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
 LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
 CANCEL_RETRY_INTERVAL: Final = 0.1  # seconds close() gives a cancelled loop before cancelling again
+# Upper bounds of what a stored publication adds to its variable-length fields
+# (BSON keys, type bytes, lengths, _id, offset, times, an epoch up to ~200 bytes).
+STORED_OVERHEAD_BYTES: Final = 512
+STORED_TAG_OVERHEAD_BYTES: Final = 32  # per tag: array index key and the {k, v} pair framing
 
 RpcHandler = Callable[["Client", bytes], Coroutine[Any, Any, bytes]]
 MessageHandler = Callable[["Client", bytes], None]
@@ -144,6 +148,7 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drained = asyncio.Event()
         self._local_only_logged_at = -LOCAL_ONLY_LOG_INTERVAL  # see publish()
+        self._store_reserved = 0  # persistent publishes past the queue check, not yet appended
         self._register_builtin_rpc()
         self._register_gauges()
 
@@ -453,14 +458,40 @@ class Hub:
         offset can be assigned, and a locally invented one would collide with
         the stream's real offsets after Redis returns.
 
+        In persistent namespaces a publication the store could never keep (over
+        ``mongodb.max_document_bytes``) is refused with 107 *before* the broker
+        publishes it, so it is neither delivered nor stored; see ``_check_storable``.
+        Likewise a full store queue refuses (1001) before publishing: each
+        persistent publish reserves a queue slot from the check until its
+        ``append``, so concurrent publishes cannot overfill the queue after
+        their publication was delivered.
+
         Raises:
-            ClientError: the engines refused (unavailable, store full).
+            ClientError: the engines refused (unavailable, store full: 1001;
+                too large to store: 107).
         """
-        if opts.persist:
-            status = self.store.status()
-            if status.queue_limit and status.queue_depth >= status.queue_limit:
-                raise ClientError(codes.STORE_UNAVAILABLE, "durable store queue is full")
+        if not opts.persist:
+            return await self._publish(channel, data, opts, info, tags, idempotency_key)
+        status = self.store.status()
+        if status.queue_limit and status.queue_depth + self._store_reserved >= status.queue_limit:
+            raise ClientError(codes.STORE_UNAVAILABLE, "durable store queue is full")
+        self._check_storable(channel, data, info, tags)
+        self._store_reserved += 1
+        try:
             await self._restore(channel)
+            return await self._publish(channel, data, opts, info, tags, idempotency_key)
+        finally:
+            self._store_reserved -= 1
+
+    async def _publish(
+        self,
+        channel: str,
+        data: bytes,
+        opts: ChannelOptions,
+        info: ClientInfo | None,
+        tags: dict[str, str] | None,
+        idempotency_key: str,
+    ) -> StreamPosition:
         popts = self.publish_options(opts, info=info, tags=tags, idempotency_key=idempotency_key)
         try:
             position = await self.broker.publish(channel, data, popts)
@@ -481,10 +512,46 @@ class Hub:
                 )
             except StoreFullError:
                 raise ClientError(codes.STORE_UNAVAILABLE, "durable store queue is full") from None
+            except StoreRejectedError as exc:
+                # Past _check_storable's bound only in odd cases (an unencodable
+                # field): the broker has delivered it, but it is not stored.
+                log.warning(
+                    "store refused a publication to %s (delivered, not stored): %s", channel, exc
+                )
+                raise ClientError(codes.BAD_REQUEST, str(exc)) from None
             except EngineError as exc:
                 log.warning("store append to %s failed: %s", channel, exc)
                 raise ClientError(codes.STORE_UNAVAILABLE) from None
         return position
+
+    def _check_storable(
+        self, channel: str, data: bytes, info: ClientInfo | None, tags: dict[str, str] | None
+    ) -> None:
+        """Refuse (107) a publication over the store's document limit before it is published.
+
+        The broker delivers a publication the moment it accepts it, so the store's
+        own check at ``append`` would come too late. This bound counts every
+        variable-length field at its byte length plus ``STORED_OVERHEAD_BYTES``
+        (and ``STORED_TAG_OVERHEAD_BYTES`` per tag), so it never under-estimates
+        the stored document: a publication within a few hundred bytes of
+        ``mongodb.max_document_bytes`` may be refused although it would just fit.
+        Only MongoDB has a limit; the memory store takes anything.
+        """
+        limit = self.config.mongodb.max_document_bytes if self.config.mongodb.url else 0
+        if limit <= 0:
+            return
+        size = len(data) + len(channel.encode()) + STORED_OVERHEAD_BYTES
+        if info is not None:
+            size += len(info.user.encode()) + len(info.client.encode())
+            size += len(info.conn_info or b"") + len(info.chan_info or b"")
+        for key, value in (tags or {}).items():
+            size += len(key.encode()) + len(value.encode()) + STORED_TAG_OVERHEAD_BYTES
+        if size > limit:
+            raise ClientError(
+                codes.BAD_REQUEST,
+                f"publication too large to store: {len(data)} bytes of data, about {size} "
+                f"bytes stored, over the limit of {limit} (mongodb.max_document_bytes)",
+            )
 
     def _broker_linked(self) -> bool:
         """False only when the broker reports its pub/sub link down (``RedisBroker``).

@@ -3,7 +3,8 @@
 The broker's history is hot and bounded; the store is what must last. In
 namespaces with ``persist: true`` every publication accepted by the broker is
 also handed to the store, and history reads and recovery that reach beyond
-the broker's window (or across a restart) are served from it.
+the broker's window (or across a restart) are served from it. After a
+restart the hub continues a channel's offsets from ``latest``.
 
 Durability
     ``append`` returns once the publication is *accepted* for durable
@@ -11,21 +12,38 @@ Durability
     keep it until written, across engine outages, and flush it on ``close``
     within its deadline. When it cannot accept more it raises
     ``StoreFullError`` and the publish is refused: nothing acknowledged is
-    ever silently dropped.
+    ever silently dropped by a running process. Accepted is not
+    crash-durable: a process that crashes (SIGKILL, OOM, power) loses what
+    is still queued. ``close`` past its deadline logs the number of accepted
+    publications it could not write at ERROR.
 
 Idempotency
     Publications are keyed by ``(channel, epoch, offset)``. Writing the same
     key twice (a retry after a lost acknowledgement) stores it once.
 
-Ordering
+Ordering and positions
     ``read_since`` returns publications in offset order (ascending unless
-    ``reverse``) within one epoch.
+    ``reverse``) within one epoch: the epoch of ``since`` when given (that
+    epoch's publications, even if a later epoch exists), else the epoch of
+    ``latest``. ``latest`` is the highest offset within the epoch of the
+    channel's last *accepted* publication (queued or written).
 
 Retention
     ``PersistOptions.size`` keeps at most that many publications per channel,
     ``ttl`` drops those older than that many seconds; the implementation
     enforces both itself (TTL indexes are not available on every
-    MongoDB-compatible server).
+    MongoDB-compatible server). Reads never return a publication older than
+    its ``ttl``; ``size`` may be exceeded briefly (trimming runs in the
+    background), so a read may return a few more than ``size``.
+
+Errors
+    ``append`` raises ``StoreRejectedError`` for a publication it can never
+    keep (too large, unencodable: not worth retrying) and ``StoreFullError``
+    when its queue is full (retry later). Reads (``read_since``, ``latest``)
+    and ``remove`` raise ``EngineError`` while the backing server is
+    unreachable; ``append`` does not, it queues. ``remove`` drops the
+    channel's queued publications too, even when it then fails to reach the
+    server for the stored ones.
 """
 
 from __future__ import annotations
@@ -61,10 +79,19 @@ class Store(Protocol):
         """Connect, create indexes (idempotently) and start background writers."""
 
     async def close(self) -> None:
-        """Flush what is queued (within the configured deadline), then disconnect."""
+        """Flush what is queued (within the configured deadline), then disconnect.
+
+        What is still queued at the deadline is lost; the count is logged at ERROR.
+        """
 
     async def append(self, channel: str, pub: Publication, opts: PersistOptions) -> None:
-        """Accept one publication for durable storage. Raises ``StoreFullError``."""
+        """Accept one publication for durable storage.
+
+        Raises:
+            StoreRejectedError: it can never be stored (too large, unencodable).
+            StoreFullError: the write-behind queue is full; retry later.
+            EngineError: the store is not running.
+        """
 
     async def read_since(
         self,
@@ -78,10 +105,11 @@ class Store(Protocol):
         unless ``since`` names one. ``limit=None`` means no limit."""
 
     async def latest(self, channel: str) -> StreamPosition | None:
-        """The last stored (or accepted) position of a channel, or ``None`` if none."""
+        """The highest offset in the epoch of the channel's last accepted publication
+        (queued or written), or ``None`` if it has none. Raises ``EngineError``."""
 
     async def remove(self, channel: str) -> None:
-        """Delete a channel's stored publications."""
+        """Delete a channel's publications, queued and stored. Raises ``EngineError``."""
 
     def status(self) -> StoreStatus:
         """Current health; must not do I/O."""

@@ -3,10 +3,13 @@
 It keeps the same contract as ``MongoStore`` (idempotent by position,
 retention by size and age) but lives only as long as the process, so it
 gives persistent namespaces deep history without surviving restarts.
+Expired publications are skipped by every read and deleted at the channel's
+next ``append``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from server.broker import Publication, StreamPosition
@@ -15,7 +18,8 @@ from server.store import PersistOptions, Store, StoreStatus
 
 class MemoryStore:
     def __init__(self) -> None:
-        # channel -> {(epoch, offset): (accepted_at, publication)} in arrival order
+        # channel -> {(epoch, offset): (expires_at, publication)} in arrival order;
+        # expires_at is time.monotonic() based, inf without a ttl
         self._channels: dict[str, dict[tuple[str, int], tuple[float, Publication]]] = {}
 
     async def start(self) -> None:
@@ -30,13 +34,12 @@ class MemoryStore:
         if key in items:
             return  # idempotent retry
         now = time.monotonic()
-        items[key] = (now, pub)
-        if opts.ttl > 0:
-            while items:
-                first = next(iter(items))
-                if items[first][0] + opts.ttl > now:
-                    break
-                del items[first]
+        items[key] = (now + opts.ttl if opts.ttl > 0 else math.inf, pub)
+        while items:  # expired ones at the front (reads skip any others)
+            first = next(iter(items))
+            if items[first][0] > now:
+                break
+            del items[first]
         while opts.size > 0 and len(items) > opts.size:
             del items[next(iter(items))]
 
@@ -54,8 +57,9 @@ class MemoryStore:
         epoch = since.epoch if since is not None else latest.epoch
         after = since.offset if since is not None else 0
         items = self._channels[channel].values()
+        now = time.monotonic()
         pubs = sorted(
-            (p for _, p in items if p.epoch == epoch and p.offset > after),
+            (p for exp, p in items if p.epoch == epoch and p.offset > after and exp > now),
             key=lambda p: p.offset,
             reverse=reverse,
         )

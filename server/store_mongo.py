@@ -2,8 +2,8 @@
 
 Write path
     ``append`` BSON-encodes the document at once, so an invalid or oversized
-    publication is refused right there with ``ValueError`` (the caller's
-    bug, not an outage), then puts it on a bounded in-memory queue and
+    publication is refused right there with ``StoreRejectedError`` (the
+    caller's bug, not an outage), then puts it on a bounded in-memory queue and
     returns. ``StoreFullError`` when the queue holds ``queue_size``
     publications. One flusher task writes the queue head with
     ``insert_many(ordered=False)`` once ``batch_size`` publications wait or the
@@ -84,7 +84,7 @@ from bson.raw_bson import RawBSONDocument
 
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig
-from server.errors import ConfigError, EngineError, StoreFullError
+from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
 from server.store import PersistOptions, Store, StoreStatus
 
 log = logging.getLogger("squall.store.mongo")
@@ -276,7 +276,7 @@ class MongoStore:
         """Accept one publication; it is written in the background.
 
         Raises:
-            ValueError: the document is invalid or larger than ``max_document_bytes``.
+            StoreRejectedError: the document is invalid or larger than ``max_document_bytes``.
             StoreFullError: ``queue_size`` publications are already waiting.
             EngineError: the store is not started or already closed.
         """
@@ -429,7 +429,7 @@ class MongoStore:
 
     def _encode(self, channel: str, pub: Publication, opts: PersistOptions) -> _Pending:
         if not isinstance(pub.data, bytes):
-            raise ValueError(
+            raise StoreRejectedError(
                 f"publication data must be bytes (raw JSON), got {type(pub.data).__name__}"
             )
         now = datetime.now(UTC)
@@ -457,11 +457,11 @@ class MongoStore:
         try:
             raw = bson.encode(doc)
         except (InvalidDocument, OverflowError, TypeError, ValueError) as exc:
-            raise ValueError(
+            raise StoreRejectedError(
                 f"publication {channel!r} offset {pub.offset}: cannot be stored: {exc}"
             ) from None
         if len(raw) > self._cfg.max_document_bytes:
-            raise ValueError(
+            raise StoreRejectedError(
                 f"publication {channel!r} offset {pub.offset}: stored document is {len(raw)} "
                 f"bytes, over the limit of {self._cfg.max_document_bytes} "
                 "(mongodb.max_document_bytes)"

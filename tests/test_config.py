@@ -131,6 +131,7 @@ def test_node_name_defaults_to_host_and_port(tmp_path):
             "mongodb://127.0.0.1:1",
         ),
         ("SQUALL_MONGODB_DATABASE", "other", lambda c: c.mongodb.database, "other"),
+        ("SQUALL_MONGODB_DRIVER", "motor", lambda c: c.mongodb.driver, "motor"),
     ],
 )
 def test_environment_overrides_yaml(tmp_path, var, value, read, expected):

@@ -205,6 +205,17 @@ async def test_ttl_retention_drops_expired(store: Store) -> None:
     assert await store.read_since("bystander") == [pub(1)]
 
 
+async def test_reads_never_return_expired_publications(store: Store) -> None:
+    """Once its ttl has passed a publication is gone from reads, before any cleanup runs."""
+    ttl = 0.3 * TIME_FACTOR
+    await store.append("ttl-read", pub(1), PersistOptions(ttl=ttl))
+    await store.append("ttl-read", pub(2), KEEP)
+    assert [p.offset for p in await store.read_since("ttl-read")] == [1, 2]
+    await outlive(ttl)
+    assert [p.offset for p in await store.read_since("ttl-read")] == [2]
+    assert [p.offset for p in await store.read_since("ttl-read", reverse=True, limit=5)] == [2]
+
+
 async def test_remove_deletes_queued_and_written(store: Store) -> None:
     """remove() drops a channel's publications, written or still queued; others stay."""
     for i in range(1, 4):

@@ -17,7 +17,7 @@ from pymongo import AsyncMongoClient
 from tornado.ioloop import IOLoop
 
 from server.broker import Publication, StreamPosition
-from server.errors import EngineError, StoreFullError
+from server.errors import EngineError, StoreFullError, StoreRejectedError
 from server.store import PersistOptions
 from server.store_mongo import EXPIRE_INDEX, HISTORY_INDEX, RECENT_INDEX, MongoStore
 from tests.engines import eventually
@@ -162,13 +162,14 @@ def _drained(store: MongoStore) -> Callable[[], Any]:
 
 
 async def test_oversize_or_invalid_publication_is_rejected_at_append(make_store: Factory) -> None:
-    """A publication too large to store fails append with a clear ValueError; nothing is queued."""
+    """A publication too large to store fails append with StoreRejectedError; nothing is queued."""
     store = make_store(max_document_bytes=1024)
     await store.start()
     big = Publication(1, "e1", b'"' + b"x" * 2000 + b'"')
-    with pytest.raises(ValueError, match=r"over the limit of 1024 \(mongodb.max_document_bytes\)"):
+    too_big = r"over the limit of 1024 \(mongodb.max_document_bytes\)"
+    with pytest.raises(StoreRejectedError, match=too_big):
         await store.append("big", big, KEEP)
-    with pytest.raises(ValueError, match="cannot be stored"):
+    with pytest.raises(StoreRejectedError, match="cannot be stored"):
         await store.append("big", Publication(2**64, "e1", b"{}"), KEEP)
     assert store.status().queue_depth == 0
     await store.append("big", pub(1), KEEP)

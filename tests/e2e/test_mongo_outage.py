@@ -1,0 +1,154 @@
+"""A database outage under a running Squall: live delivery goes on, nothing acknowledged is lost.
+
+The test starts its own FerretDB (``services.start_ferretdb``) so it can kill
+it and bring it back on the same port and data directory while a publisher
+sends a numbered sequence through the HTTP API. The stored documents are then
+read with PyMongo directly and compared with what the publisher was told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.cluster import Sdk, api, api_ok, subscribed, take, until
+from tests.e2e import error_lines, ready, store_overrides, stored
+from tests.helpers import services
+from tests.helpers.process import ProcessGroup
+
+QUEUE_SIZE = 6  # mongodb.queue_size: publications the process may hold while the DB is down
+REFUSED = 3  # publications the test sends into the full queue
+
+
+@pytest.fixture
+def ferretdb(tmp_path: Path) -> Iterator[services.ServiceProcess]:
+    """A private FerretDB this test may kill and restart (same port, same data directory)."""
+    workdir = tmp_path / "ferretdb"
+    workdir.mkdir()
+    try:
+        svc = services.start_ferretdb(workdir=workdir)
+    except RuntimeError as exc:
+        services.unavailable(str(exc))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture
+def procs(ferretdb: services.ServiceProcess, tmp_path: Path) -> Iterator[ProcessGroup]:
+    """Squall processes, stopped by pid before FerretDB is; their ERROR lines fail the test."""
+    group = ProcessGroup(tmp_path)
+    yield group
+    group.close()
+    errors = [line for proc in group.processes for line in error_lines(proc)]
+    if errors:
+        pytest.fail("error logs from squall:\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def sdk(procs: ProcessGroup, io_loop: Any) -> Iterator[Sdk]:
+    made = Sdk()
+    yield made
+    io_loop.run_sync(made.close)
+
+
+async def test_outage_keeps_live_delivery_refuses_when_full_and_loses_nothing_acknowledged(
+    ferretdb: services.ServiceProcess, procs: ProcessGroup, sdk: Sdk, unique_prefix: str
+) -> None:
+    """DB killed and restarted: live delivery goes on, /ready says 503, a full queue gives 1001,
+    and every acknowledged publication is stored exactly once, nothing refused is."""
+    channel = "persist:outage"
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    proc = procs(
+        overrides=store_overrides(
+            url, unique_prefix, **{"mongodb.queue_size": QUEUE_SIZE, "mongodb.batch_size": 2}
+        )
+    )
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    client, _ = await sdk.connected(proc.ws_url, "watcher")
+    _, events, _ = await subscribed(client, channel)
+
+    acked: list[int] = []
+    refused: list[int] = []
+    sent = 0
+
+    async def publish() -> None:
+        nonlocal sent
+        sent += 1
+        n = sent
+        reply = await api(proc, "publish", {"channel": channel, "data": {"n": n}})
+        if "result" in reply:
+            acked.append(n)
+        else:
+            assert reply["error"] == {
+                "code": 1001,
+                "message": "durable store queue is full",
+                "temporary": True,
+            }, reply
+            refused.append(n)
+
+    async def store_status() -> tuple[int, dict[str, Any]]:
+        code, body = await ready(proc)
+        return code, body.get("store", {})
+
+    async def drained() -> bool:
+        code, store = await store_status()
+        return code == 200 and store.get("queue_depth") == 0
+
+    # Database up.
+    for _ in range(4):
+        await publish()
+    assert acked == [1, 2, 3, 4]
+    assert [p.data["n"] for p in await take(events, 4)] == acked
+    await until(drained, what="the first publications written")
+
+    # Database down: publishing goes on until the queue is full, then 1001.
+    ferretdb.kill()
+
+    async def not_ready() -> bool:
+        return (await store_status())[0] == 503
+
+    await until(not_ready, within=10, what="/ready 503 after the database went away")
+    code, store = await store_status()
+    assert code == 503
+    assert store["ready"] is False
+    assert store["error"]
+    for _ in range(2):
+        await publish()
+    # The rest at once: exactly queue_size are accepted, whatever the interleaving.
+    await asyncio.gather(*(publish() for _ in range(QUEUE_SIZE - 2 + REFUSED)))
+    during = acked[4:]
+    assert len(during) == QUEUE_SIZE
+    assert sorted(during + refused) == list(range(5, 5 + QUEUE_SIZE + REFUSED))
+    assert len(refused) == REFUSED
+    # Subscribers got the accepted ones (only those) live, while the database was down.
+    live = [p.data["n"] for p in await take(events, QUEUE_SIZE)]
+    assert sorted(live) == sorted(during)
+    assert not ferretdb.running
+    code, store = await store_status()
+    assert (code, store["queue_depth"], store["queue_limit"]) == (503, QUEUE_SIZE, QUEUE_SIZE)
+    # A bystander channel without persistence is not affected.
+    await api_ok(proc, "publish", {"channel": "chat:bystander", "data": {"ok": True}})
+
+    # Database back on the same port and data: the queue drains, /ready is 200 again.
+    ferretdb.start()
+    await until(drained, within=20, what="/ready 200 with an empty queue after the restart")
+    for _ in range(3):
+        await publish()
+    assert acked[-3:] == [sent - 2, sent - 1, sent]
+    assert [p.data["n"] for p in await take(events, 3)] == acked[-3:]
+    await until(drained, what="the last publications written")
+    assert events.drain("publication") == []  # nothing refused was delivered
+
+    docs = await stored(url, unique_prefix, channel)
+    numbers = [orjson.loads(d["data"])["n"] for d in docs]
+    assert sorted(numbers) == sorted(acked)  # each acknowledged publication once, none missing
+    assert not set(numbers) & set(refused)
+    assert [d["offset"] for d in docs] == list(range(1, len(acked) + 1))
+    assert [orjson.loads(d["data"])["n"] for d in docs][:4] == acked[:4]
+    assert "mongo store recovered after" in proc.log_text()

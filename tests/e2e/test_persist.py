@@ -1,0 +1,209 @@
+"""Persistent namespaces across a restart: history, offsets and recovery come from the store.
+
+Each test runs ``python run.py`` processes on one MongoDB database (the
+session's FerretDB, or ``SQUALL_MONGODB_URL``) with the ``persist`` namespace
+of the test config: broker history of 5, ``persist: true``. Publications go
+through the HTTP API and the centrifuge-python SDK; stored documents are read
+with PyMongo directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from centrifuge import ReplyError, StreamPosition
+
+from tests.cluster import Sdk, api, api_ok, subscribed, take
+from tests.e2e import error_lines, raw_client, ready, store_overrides, stored
+from tests.helpers.process import ProcessGroup
+
+HISTORY_SIZE = 5  # the test config's persist namespace keeps this many in the broker
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
+    """Squall processes of this test; stopped by pid at teardown, their ERROR lines fail it."""
+    group = ProcessGroup(tmp_path)
+    yield group
+    group.close()
+    errors = [line for proc in group.processes for line in error_lines(proc)]
+    if errors:
+        pytest.fail("error logs from squall:\n" + "\n".join(errors))
+
+
+@pytest.fixture
+def sdk(procs: ProcessGroup, io_loop: Any) -> Iterator[Sdk]:
+    """SDK clients, disconnected before the processes stop."""
+    made = Sdk()
+    yield made
+    io_loop.run_sync(made.close)
+
+
+def data(n: int) -> dict[str, int]:
+    return {"n": n}
+
+
+async def test_history_offsets_and_recovery_survive_a_graceful_restart(
+    procs: ProcessGroup, sdk: Sdk, mongo_url: str, unique_prefix: str
+) -> None:
+    """After SIGTERM and a new process on the same DB, history, offsets and recovery carry on."""
+    channel = "persist:restart"
+    overrides = store_overrides(mongo_url, unique_prefix)
+    first = procs(overrides=overrides)
+    first.start()
+    await first.wait_ready_async(path="/ready")
+
+    publisher, _ = await sdk.connected(first.ws_url, "pub")
+    pub_sub, _, _ = await subscribed(publisher, channel)
+    reader, _ = await sdk.connected(first.ws_url, "reader")
+    _, reader_events, _ = await subscribed(reader, channel, recoverable=True)
+
+    for n in (1, 2, 3):
+        assert (await api_ok(first, "publish", {"channel": channel, "data": data(n)}))[
+            "offset"
+        ] == n
+    live = await take(reader_events, 3)
+    assert [(p.offset, p.data) for p in live] == [(n, data(n)) for n in (1, 2, 3)]
+    await reader.disconnect()  # offline from offset 3 on; the SDK keeps its position
+
+    # N = 12 > history_size, alternately through the SDK and the HTTP API.
+    total = 12
+    epoch = ""
+    for n in range(4, total + 1):
+        if n % 2:
+            result = await api_ok(first, "publish", {"channel": channel, "data": data(n)})
+            assert result["offset"] == n
+            epoch = result["epoch"]
+        else:
+            await pub_sub.publish(data(n))
+    before = await api_ok(first, "history", {"channel": channel, "limit": -1})
+    assert [p["offset"] for p in before["publications"]] == list(range(1, total + 1))
+    assert (before["offset"], before["epoch"]) == (total, epoch)
+
+    assert await first.stop_async() == 0
+    assert "mongo store closed with" not in first.log_text()  # nothing left unwritten
+    docs = await stored(mongo_url, unique_prefix, channel)
+    assert [(d["offset"], d["epoch"], orjson.loads(d["data"])) for d in docs] == [
+        (n, epoch, data(n)) for n in range(1, total + 1)
+    ]
+
+    second = procs(overrides=overrides, port=first.port)  # the SDK clients reconnect here
+    second.start()
+    await second.wait_ready_async(path="/ready")
+
+    after = await api_ok(second, "history", {"channel": channel, "limit": -1})
+    assert after == before  # every publication, beyond history_size, same offsets and epoch
+    page = await api_ok(second, "history", {"channel": channel, "limit": 4, "reverse": True})
+    assert [p["offset"] for p in page["publications"]] == [12, 11, 10, 9]
+
+    # The publisher's SDK resubscribes on the new process and reads the same history.
+    await asyncio.wait_for(pub_sub.ready(), 10)
+    sdk_history = await pub_sub.history(limit=-1)
+    assert (sdk_history.offset, sdk_history.epoch) == (total, epoch)
+    assert [(p.offset, p.data) for p in sdk_history.publications] == [
+        (n, data(n)) for n in range(1, total + 1)
+    ]
+    since = await pub_sub.history(limit=-1, since=StreamPosition(offset=10, epoch=epoch))
+    assert [p.offset for p in since.publications] == [11, 12]
+
+    # New publications continue the stream: N+1, N+2, same epoch.
+    for n in (total + 1, total + 2):
+        result = await api_ok(second, "publish", {"channel": channel, "data": data(n)})
+        assert (result["offset"], result["epoch"]) == (n, epoch)
+    latest = total + 2
+
+    # Raw protocol: subscribe with recover from offset 3 gets exactly 4..14, recovered.
+    raw = await raw_client(second, "raw")
+    try:
+        reply = await raw.command(
+            "subscribe", {"channel": channel, "recover": True, "offset": 3, "epoch": epoch}
+        )
+        result = reply["subscribe"]
+        assert result.get("recovered") is True, result
+        assert (result["offset"], result["epoch"]) == (latest, epoch)
+        pubs = result["publications"]
+        assert [p["offset"] for p in pubs] == list(range(4, latest + 1))
+        assert [p["data"] for p in pubs] == [data(n) for n in range(4, latest + 1)]
+    finally:
+        raw.close()
+
+    # The SDK subscriber that went offline at offset 3 reconnects and recovers the rest.
+    await reader.connect()
+    ctx = await reader_events.next("subscribed", 10)
+    assert ctx.was_recovering
+    assert ctx.recovered
+    missed = await take(reader_events, latest - 3)
+    assert [(p.offset, p.data) for p in missed] == [(n, data(n)) for n in range(4, latest + 1)]
+    assert reader_events.drain("publication") == []
+
+
+async def test_graceful_shutdown_writes_every_acknowledged_publication(
+    procs: ProcessGroup, mongo_url: str, unique_prefix: str
+) -> None:
+    """A burst still queued at SIGTERM is written before exit; a new process serves all of it."""
+    channel = "persist:burst"
+    # Batches wait up to 30 s for more: the burst is certainly still queued at SIGTERM.
+    overrides = store_overrides(
+        mongo_url, unique_prefix, **{"mongodb.flush_interval": 30.0, "mongodb.batch_size": 1000}
+    )
+    first = procs(overrides=overrides)
+    first.start()
+    await first.wait_ready_async(path="/ready")
+    burst = 40
+    replies = await asyncio.gather(
+        *(api(first, "publish", {"channel": channel, "data": data(n)}) for n in range(burst))
+    )
+    acked = {
+        orjson.dumps(data(n)) for n, r in zip(range(burst), replies, strict=True) if "result" in r
+    }
+    assert len(acked) == burst, [r for r in replies if "result" not in r]
+    code, body = await ready(first)
+    assert code == 200
+    assert body["store"]["queue_depth"] == burst  # accepted, not yet written
+
+    first.terminate()
+    assert await first.wait_async(10) == 0
+    assert "mongo store closed with" not in first.log_text()
+    docs = await stored(mongo_url, unique_prefix, channel)
+    assert {d["data"] for d in docs} == acked
+    assert [d["offset"] for d in docs] == list(range(1, burst + 1))
+
+    second = procs(overrides=overrides)
+    second.start()
+    await second.wait_ready_async(path="/ready")
+    history = await api_ok(second, "history", {"channel": channel, "limit": -1})
+    assert [p["offset"] for p in history["publications"]] == list(range(1, burst + 1))
+    assert {orjson.dumps(p["data"]) for p in history["publications"]} == acked
+    result = await api_ok(second, "publish", {"channel": channel, "data": data(burst)})
+    assert result["offset"] == burst + 1
+
+
+async def test_publication_too_large_to_store_is_refused_before_delivery(
+    procs: ProcessGroup, sdk: Sdk, mongo_url: str, unique_prefix: str
+) -> None:
+    """Over mongodb.max_document_bytes: error 107 with the reason, not delivered, not stored."""
+    channel = "persist:big"
+    overrides = store_overrides(mongo_url, unique_prefix, **{"mongodb.max_document_bytes": 4096})
+    proc = procs(overrides=overrides)
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    client, _ = await sdk.connected(proc.ws_url, "alice")
+    sub, events, _ = await subscribed(client, channel)
+
+    reply = await api(proc, "publish", {"channel": channel, "data": {"x": "y" * 5000}})
+    assert reply["error"]["code"] == 107, reply
+    assert "mongodb.max_document_bytes" in reply["error"]["message"]
+    assert "temporary" not in reply["error"]
+    assert (await api_ok(proc, "publish", {"channel": channel, "data": data(1)}))["offset"] == 1
+    (pub,) = await take(events, 1)
+    assert (pub.offset, pub.data) == (1, data(1))  # the refused one never reached subscribers
+    with pytest.raises(ReplyError) as refused:
+        await sub.publish({"x": "y" * 5000})
+    assert (refused.value.code, refused.value.temporary) == (107, False)
+    history = await api_ok(proc, "history", {"channel": channel, "limit": -1})
+    assert [p["data"] for p in history["publications"]] == [data(1)]
