@@ -54,7 +54,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import secrets
 import time
 from collections import deque
@@ -71,6 +70,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from server.backoff import Backoff
 from server.broker import (
     Broker,
     BrokerEvents,
@@ -90,7 +90,6 @@ T = TypeVar("T")
 
 _LUA_DIR: Final = Path(__file__).resolve().parent / "redis_lua"
 _PUB, _JOIN, _LEAVE, _CONTROL, _PROBE = b"p"[0], b"j"[0], b"l"[0], b"c"[0], b"?"[0]
-_MAX_BACKOFF_STEPS: Final = 30  # 2**30 * base is far past any cap; avoids float overflow
 _ERRORS: Final = (RedisError, OSError)  # OSError covers TimeoutError and socket errors
 
 
@@ -151,23 +150,6 @@ def _decode_publication(payload: bytes) -> Publication:
 
 def _position(reply: Any) -> StreamPosition:
     return StreamPosition(int(reply[0]), reply[1].decode())
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter (each delay in [ceiling/2, ceiling])."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self._base = base
-        self._cap = cap
-        self._steps = 0
-
-    def next(self) -> float:
-        ceiling = min(self._cap, self._base * 2 ** min(self._steps, _MAX_BACKOFF_STEPS))
-        self._steps += 1
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
-
-    def reset(self) -> None:
-        self._steps = 0
 
 
 class RedisBroker:
@@ -488,7 +470,7 @@ class RedisBroker:
         return conn, [ch for key, ch in wanted.items() if key in self._wanted]
 
     async def _listen_forever(self, conn: AbstractConnection | None) -> None:
-        backoff = _Backoff(self._cfg.reconnect_delay, self._cfg.reconnect_max_delay)
+        backoff = Backoff(self._cfg.reconnect_delay, self._cfg.reconnect_max_delay)
         while True:
             if conn is None:
                 conn, channels = await self._reconnect(backoff)
@@ -514,7 +496,7 @@ class RedisBroker:
         self._conn = None
         self._fail_waiters(f"redis pubsub link lost: {exc}")
 
-    async def _reconnect(self, backoff: _Backoff) -> tuple[AbstractConnection, list[str]]:
+    async def _reconnect(self, backoff: Backoff) -> tuple[AbstractConnection, list[str]]:
         while True:
             await asyncio.sleep(backoff.next())
             try:

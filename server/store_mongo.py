@@ -69,7 +69,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -82,6 +81,7 @@ from bson import ObjectId
 from bson.errors import InvalidDocument
 from bson.raw_bson import RawBSONDocument
 
+from server.backoff import Availability, Backoff
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig
 from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
@@ -98,7 +98,6 @@ DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
 # InvalidIndexSpecificationOption, CannotCreateIndex, IndexOptionsConflict.
 NO_TTL_CODES: Final = frozenset({238, 197, 67, 85})
 STATS_LOG_INTERVAL: Final = 10.0  # seconds between DEBUG write-latency summaries
-_MAX_BACKOFF_STEPS: Final = 16
 _PROJECTION: Final = {"_id": 0, "offset": 1, "epoch": 1, "data": 1, "info": 1, "tags": 1, "time": 1}
 
 
@@ -112,23 +111,6 @@ class _Pending:
     size: int  # PersistOptions.size, applied once written
     expire_at: datetime | None
     accepted: float  # time.monotonic()
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter (each delay in [ceiling/2, ceiling])."""
-
-    def __init__(self, base: float, cap: float) -> None:
-        self._base = base
-        self._cap = cap
-        self._steps = 0
-
-    def next(self) -> float:
-        ceiling = min(self._cap, self._base * 2 ** min(self._steps, _MAX_BACKOFF_STEPS))
-        self._steps += 1
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not security
-
-    def reset(self) -> None:
-        self._steps = 0
 
 
 class _Client:
@@ -188,9 +170,7 @@ class MongoStore:
         self._started = False
         self._closing = False
         self._ttl_index = False
-        self._ready = False
-        self._error = "not started"
-        self._down_since = 0.0
+        self._avail = Availability(log, "mongo store", "publications")
         self._last_latency = 0.0
         self._written = 0
         self._rejected = 0
@@ -245,13 +225,13 @@ class MongoStore:
             log.error(
                 "mongo store closed with %d accepted publications not written error=%s",
                 len(self._queue),
-                self._error or "shutdown flush timeout",
+                self._avail.error or "shutdown flush timeout",
             )
         if self._client is not None:
             await self._client.close()
             self._client = None
-        self._ready = False
-        self._error = "closed"
+        self._avail.ready = False
+        self._avail.error = "closed"
 
     async def _stop_tasks(self) -> None:
         # Tasks are asked to stop rather than cancelled: cancelling PyMongo while it
@@ -366,11 +346,11 @@ class MongoStore:
     def status(self) -> StoreStatus:
         oldest = time.monotonic() - self._queue[0].accepted if self._queue else 0.0
         return StoreStatus(
-            ready=self._ready,
+            ready=self._avail.ready,
             queue_depth=len(self._queue),
             queue_limit=self._cfg.queue_size,
             last_write_latency=self._last_latency,
-            error="" if self._ready else self._error,
+            error="" if self._avail.ready else self._avail.error,
             extra={
                 "driver": self._cfg.driver,
                 "database": self._cfg.database,
@@ -497,7 +477,7 @@ class MongoStore:
     async def _flush_forever(self) -> None:
         from pymongo.errors import PyMongoError
 
-        backoff = _Backoff(self._cfg.retry_delay, self._cfg.retry_max_delay)
+        backoff = Backoff(self._cfg.retry_delay, self._cfg.retry_max_delay)
         while not self._stop.is_set():
             if not self._queue:
                 self._wakeup.clear()
@@ -588,27 +568,10 @@ class MongoStore:
             self._mark_up()
 
     def _mark_down(self, exc: BaseException) -> None:
-        self._error = self._describe(exc)
-        if self._ready:
-            self._ready = False
-            self._down_since = time.monotonic()
-            log.warning(
-                "mongo store unavailable; publications stay queued queue_depth=%d error=%s",
-                len(self._queue),
-                self._error,
-            )
+        self._avail.down(self._describe(exc), len(self._queue))
 
     def _mark_up(self) -> None:
-        if not self._ready:
-            self._ready = True
-            if self._down_since:
-                log.info(
-                    "mongo store recovered after %.1fs queue_depth=%d",
-                    time.monotonic() - self._down_since,
-                    len(self._queue),
-                )
-            self._down_since = 0.0
-        self._error = ""
+        self._avail.up(len(self._queue))
 
     def _note_batch(self, count: int, latency: float) -> None:
         s = self._stats

@@ -84,10 +84,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from server.backoff import Availability, Backoff
 from server.config import MongoConfig, TelemetryConfig
 from server.errors import ConfigError, EngineError, StoreFullError
 from server.store import StoreStatus
-from server.store_mongo import DUPLICATE_KEY_CODES, _Backoff, _Client, _hosts, _password, _wait
+from server.store_mongo import DUPLICATE_KEY_CODES, _Client, _hosts, _password, _wait
 from server.telemetry_store import (
     DeviceState,
     Downsampler,
@@ -169,9 +170,7 @@ class MongoTelemetryStore:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closing = False
-        self._ready = False
-        self._error = "not started"
-        self._down_since = 0.0
+        self._avail = Availability(log, "telemetry store", "points")
         self._last_latency = 0.0
         self._written = 0
         self._rejected = 0
@@ -238,13 +237,13 @@ class MongoTelemetryStore:
             log.error(
                 "telemetry store closed with %d accepted points not written error=%s",
                 len(self._queue),
-                self._error or "shutdown flush timeout",
+                self._avail.error or "shutdown flush timeout",
             )
         if self._client is not None:
             await self._client.close()
             self._client = None
-        self._ready = False
-        self._error = "closed"
+        self._avail.ready = False
+        self._avail.error = "closed"
 
     # -- TelemetryStore --------------------------------------------------------
 
@@ -366,11 +365,11 @@ class MongoTelemetryStore:
 
     def status(self) -> StoreStatus:
         return StoreStatus(
-            ready=self._ready,
+            ready=self._avail.ready,
             queue_depth=len(self._queue),
             queue_limit=self._cfg.queue_size,
             last_write_latency=self._last_latency,
-            error="" if self._ready else self._error,
+            error="" if self._avail.ready else self._avail.error,
             extra={"points_written": self._written, "points_refused": self._rejected},
         )
 
@@ -402,7 +401,7 @@ class MongoTelemetryStore:
     async def _flush_forever(self) -> None:
         from pymongo.errors import PyMongoError
 
-        backoff = _Backoff(self._mongo.retry_delay, self._mongo.retry_max_delay)
+        backoff = Backoff(self._mongo.retry_delay, self._mongo.retry_max_delay)
         while True:
             if not self._queue and not self._dirty_devices():
                 self._drained.set()
@@ -587,27 +586,10 @@ class MongoTelemetryStore:
         return errors
 
     def _mark_down(self, exc: BaseException) -> None:
-        self._error = self._describe(exc)
-        if self._ready:
-            self._ready = False
-            self._down_since = time.monotonic()
-            log.warning(
-                "telemetry store unavailable; points stay queued queue_depth=%d error=%s",
-                len(self._queue),
-                self._error,
-            )
+        self._avail.down(self._describe(exc), len(self._queue))
 
     def _mark_up(self) -> None:
-        if not self._ready:
-            self._ready = True
-            if self._down_since:
-                log.info(
-                    "telemetry store recovered after %.1fs queue_depth=%d",
-                    time.monotonic() - self._down_since,
-                    len(self._queue),
-                )
-            self._down_since = 0.0
-        self._error = ""
+        self._avail.up(len(self._queue))
 
     def _describe(self, exc: BaseException) -> str:
         """A short, password-free description of a driver error."""
