@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
 import orjson
 import tornado.web
 
 from server.errors import EngineError
 from server.hub import Hub
+from server.store import StoreStatus
 
 READY_TIMEOUT: Final = 2.0  # seconds the broker probe may take
 
@@ -24,7 +25,8 @@ class HealthHandler(tornado.web.RequestHandler):
 
 
 class ReadyHandler(tornado.web.RequestHandler):
-    """200 when the broker delivers end to end and the store accepts writes; else 503."""
+    """200 when the broker delivers end to end and both stores (publications, telemetry)
+    accept writes; else 503 with the details."""
 
     def initialize(self, hub: Hub) -> None:
         self.hub = hub
@@ -35,16 +37,11 @@ class ReadyHandler(tornado.web.RequestHandler):
             await asyncio.wait_for(self.hub.broker.ping(), READY_TIMEOUT)
         except (EngineError, TimeoutError) as exc:
             broker = {"ready": False, "error": str(exc) or "timeout"}
-        status = self.hub.store.status()
-        store = {
-            "ready": status.ready,
-            "queue_depth": status.queue_depth,
-            "queue_limit": status.queue_limit,
-            "last_write_latency": status.last_write_latency,
-            **({"error": status.error} if status.error else {}),
-            **status.extra,
-        }
-        ready = bool(broker["ready"]) and status.ready and not self.hub.closing
+        store = _describe(self.hub.store.status())
+        telemetry = _describe(self.hub.telemetry.status())
+        ready = (
+            bool(broker["ready"]) and store["ready"] and telemetry["ready"] and not self.hub.closing
+        )
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
         await self.finish(
@@ -53,10 +50,22 @@ class ReadyHandler(tornado.web.RequestHandler):
                     "ready": ready,
                     "broker": broker,
                     "store": store,
+                    "telemetry": telemetry,
                     "shutting_down": self.hub.closing,
                 }
             )
         )
+
+
+def _describe(status: StoreStatus) -> dict[str, Any]:
+    return {
+        "ready": status.ready,
+        "queue_depth": status.queue_depth,
+        "queue_limit": status.queue_limit,
+        "last_write_latency": status.last_write_latency,
+        **({"error": status.error} if status.error else {}),
+        **status.extra,
+    }
 
 
 class MetricsHandler(tornado.web.RequestHandler):

@@ -172,3 +172,24 @@ async def test_metrics_count_publications_deliveries_commands_and_api(squall):
     assert m["squall_messages_in_total"] >= 7
     assert m["squall_bytes_in_total"] > 0
     assert m["squall_bytes_out_total"] > 0
+
+
+async def test_ready_is_503_while_the_telemetry_store_is_down(squall):
+    """A node whose telemetry store cannot write reports not ready, naming the error."""
+    from server.store import StoreStatus
+
+    sq = await squall()
+    sq.hub.telemetry.status = lambda: StoreStatus(ready=False, queue_depth=7, error="db down")
+    with expect_log("tornado.access", r"503 GET /ready"):
+        resp = await get(sq, "/ready")
+    assert resp.code == 503
+    body = orjson.loads(resp.body)
+    assert body["ready"] is False
+    assert body["store"]["ready"] is True
+    assert body["telemetry"] == {
+        "ready": False,
+        "queue_depth": 7,
+        "queue_limit": 0,
+        "last_write_latency": 0.0,
+        "error": "db down",
+    }
