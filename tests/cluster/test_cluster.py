@@ -20,7 +20,7 @@ from tests.cluster import (
     take,
     until,
 )
-from tests.helpers.process import NODE_EXPIRY, SquallCluster
+from tests.helpers.process import NODE_EXPIRY, SquallCluster, close_checked
 
 
 @pytest.fixture
@@ -28,10 +28,7 @@ def cluster(redis_url: str, unique_prefix: str, tmp_path: Path) -> Iterator[Squa
     """Nodes on the shared Redis under this test's prefix; stopped by pid at teardown."""
     made = SquallCluster(redis_url, unique_prefix, base=tmp_path)
     yield made
-    made.close()
-    errors = made.error_lines()
-    if errors:
-        pytest.fail("error logs from the nodes:\n" + "\n".join(errors))
+    close_checked(made)
 
 
 @pytest.fixture

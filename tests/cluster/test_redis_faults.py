@@ -29,7 +29,7 @@ from tests.cluster import (
     until,
 )
 from tests.helpers import services
-from tests.helpers.process import SquallCluster, SquallProcess
+from tests.helpers.process import SquallCluster, SquallProcess, close_checked
 
 PACE = 0.01  # seconds between one publisher's publications (load shape, not synchronisation)
 
@@ -52,10 +52,7 @@ def cluster(
     """Nodes on the private Redis; stopped by pid before it is."""
     made = SquallCluster(f"redis://127.0.0.1:{redis_server.port}/0", unique_prefix, base=tmp_path)
     yield made
-    made.close()
-    errors = made.error_lines()
-    if errors:
-        pytest.fail("error logs from the nodes:\n" + "\n".join(errors))
+    close_checked(made)
 
 
 @pytest.fixture

@@ -76,13 +76,3 @@ async def raw_client(proc: SquallProcess, user: str = "alice") -> RawClient:
     client = RawClient(ws)
     await client.connect(user)
     return client
-
-
-def error_lines(proc: SquallProcess) -> list[str]:
-    """The process log's lines at ERROR or above (Tornado's access log of 5xx left out)."""
-    return [
-        line
-        for line in proc.log_text().splitlines()
-        if " tornado.access " not in line
-        and (" ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"))
-    ]

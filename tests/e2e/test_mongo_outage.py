@@ -17,9 +17,9 @@ import orjson
 import pytest
 
 from tests.cluster import Sdk, api, api_ok, subscribed, take, until
-from tests.e2e import error_lines, ready, store_overrides, stored
+from tests.e2e import ready, store_overrides, stored
 from tests.helpers import services
-from tests.helpers.process import ProcessGroup
+from tests.helpers.process import ProcessGroup, close_checked
 
 QUEUE_SIZE = 6  # mongodb.queue_size: publications the process may hold while the DB is down
 REFUSED = 3  # publications the test sends into the full queue
@@ -43,10 +43,7 @@ def procs(ferretdb: services.ServiceProcess, tmp_path: Path) -> Iterator[Process
     """Squall processes, stopped by pid before FerretDB is; their ERROR lines fail the test."""
     group = ProcessGroup(tmp_path)
     yield group
-    group.close()
-    errors = [line for proc in group.processes for line in error_lines(proc)]
-    if errors:
-        pytest.fail("error logs from squall:\n" + "\n".join(errors))
+    close_checked(group)
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ import pytest
 from centrifuge import ReplyError, StreamPosition
 
 from tests.cluster import Sdk, api, api_ok, subscribed, take
-from tests.e2e import error_lines, raw_client, ready, store_overrides, stored
-from tests.helpers.process import ProcessGroup
+from tests.e2e import raw_client, ready, store_overrides, stored
+from tests.helpers.process import ProcessGroup, close_checked
 
 HISTORY_SIZE = 5  # the test config's persist namespace keeps this many in the broker
 
@@ -30,10 +30,7 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
     """Squall processes of this test; stopped by pid at teardown, their ERROR lines fail it."""
     group = ProcessGroup(tmp_path)
     yield group
-    group.close()
-    errors = [line for proc in group.processes for line in error_lines(proc)]
-    if errors:
-        pytest.fail("error logs from squall:\n" + "\n".join(errors))
+    close_checked(group)
 
 
 @pytest.fixture

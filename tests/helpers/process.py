@@ -43,6 +43,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from server.config import ENV_OVERRIDES
@@ -250,6 +251,16 @@ class SquallProcess:
         except FileNotFoundError:
             return ""
 
+    def error_lines(self) -> list[str]:
+        """The log's lines at ERROR or above, and tracebacks (the access log is left out:
+        a 5xx there is a response, reported by the test that expects or not expects it)."""
+        return [
+            line
+            for line in self.log_text().splitlines()
+            if " tornado.access " not in line
+            and (" ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"))
+        ]
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_text()[-chars:]
 
@@ -276,6 +287,9 @@ class ProcessGroup:
         self.processes.append(proc)
         return proc
 
+    def error_lines(self) -> list[str]:
+        return [line for proc in self.processes for line in proc.error_lines()]
+
     def close(self, timeout: float = 10.0) -> None:
         for proc in self.processes:
             if proc.running:
@@ -286,6 +300,14 @@ class ProcessGroup:
 
 NODE_HEARTBEAT_INTERVAL = 0.25  # seconds; cluster nodes announce themselves this often
 NODE_EXPIRY = 2.0  # seconds; a node silent this long leaves `info`
+
+
+def close_checked(owner: ProcessGroup | SquallCluster) -> None:
+    """Stop every process of ``owner`` by pid, then fail the test on their ERROR lines."""
+    owner.close()
+    errors = owner.error_lines()
+    if errors:
+        pytest.fail("error logs from squall processes:\n" + "\n".join(errors))
 
 
 def _with_client_name(url: str, name: str) -> str:
@@ -373,19 +395,10 @@ class SquallCluster:
         return await asyncio.to_thread(self.start, n, **overrides)
 
     def error_lines(self) -> list[str]:
-        """Log lines at ERROR or above (or tracebacks) from every node so far.
-
-        Tornado's access log is left out: it logs every 5xx response (a 503 from
-        ``/ready`` while Redis is down) at ERROR.
-        """
-        out = []
-        for proc in self.nodes:
-            for line in proc.log_text().splitlines():
-                if " tornado.access " in line:
-                    continue
-                if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
-                    out.append(f"{proc.config['server']['name']}: {line}")
-        return out
+        """Log lines at ERROR or above (or tracebacks) from every node so far."""
+        return [
+            f"{p.config['server']['name']}: {line}" for p in self.nodes for line in p.error_lines()
+        ]
 
     def close(self, timeout: float = 10.0) -> None:
         self.group.close(timeout)
