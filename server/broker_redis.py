@@ -81,7 +81,7 @@ from server.broker import (
     PublishOptions,
     StreamPosition,
 )
-from server.config import RedisConfig
+from server.config import RedisConfig, check_redis
 from server.errors import ConfigError, EngineError
 
 log = logging.getLogger("squall.broker.redis")
@@ -156,11 +156,7 @@ class RedisBroker:
     """Broker and presence over one shared Redis; see the module docstring."""
 
     def __init__(self, cfg: RedisConfig, *, node_id: str) -> None:
-        for name in ("socket_timeout", "ping_timeout", "reconnect_delay", "reconnect_max_delay"):
-            if getattr(cfg, name) <= 0:
-                raise ConfigError(f"redis.{name}: must be greater than 0")
-        if cfg.max_connections < 1:
-            raise ConfigError("redis.max_connections: must be greater than 0")
+        check_redis(cfg)
         try:
             pool = BlockingConnectionPool.from_url(
                 cfg.url,

@@ -362,6 +362,59 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
 
 
+MAX_BSON_DOCUMENT_BYTES: Final = 16 * 1024 * 1024  # MongoDB's document size limit
+
+
+def require_positive(values: Mapping[str, float]) -> None:
+    """Raise ``ConfigError`` naming the first dotted key whose value is not above 0."""
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+
+
+def check_redis(cfg: RedisConfig) -> None:
+    """Values of the ``redis`` section (also checked by ``RedisBroker`` itself)."""
+    require_positive(
+        {
+            f"redis.{name}": getattr(cfg, name)
+            for name in (
+                "socket_timeout",
+                "ping_timeout",
+                "reconnect_delay",
+                "reconnect_max_delay",
+                "max_connections",
+            )
+        }
+    )
+
+
+def check_mongo(cfg: MongoConfig) -> None:
+    """Values of the ``mongodb`` section (also checked by ``MongoStore`` itself)."""
+    require_positive(
+        {
+            f"mongodb.{name}": getattr(cfg, name)
+            for name in (
+                "queue_size",
+                "batch_size",
+                "max_document_bytes",
+                "timeout",
+                "retention_interval",
+                "retention_batch",
+                "retry_delay",
+            )
+        }
+    )
+    if cfg.max_document_bytes > MAX_BSON_DOCUMENT_BYTES:
+        raise ConfigError(
+            f"mongodb.max_document_bytes: at most {MAX_BSON_DOCUMENT_BYTES} (the BSON limit), "
+            f"got {cfg.max_document_bytes}"
+        )
+    if not cfg.collection:
+        raise ConfigError("mongodb.collection: must not be empty")
+    if cfg.driver not in ("pymongo", "motor"):
+        raise ConfigError(f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.driver!r}")
+
+
 def _check(cfg: Config) -> None:
     if not 0 < cfg.server.port < 65536:
         raise ConfigError(f"server.port: expected 1-65535, got {cfg.server.port}")
@@ -377,9 +430,7 @@ def _check(cfg: Config) -> None:
         "server.node_expiry": cfg.server.node_expiry,
         "api.max_body_bytes": cfg.api.max_body_bytes,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    require_positive(positive)
     if cfg.server.node_expiry <= cfg.server.node_heartbeat_interval:
         raise ConfigError(
             f"server.node_expiry: must be longer than server.node_heartbeat_interval "
@@ -394,10 +445,8 @@ def _check(cfg: Config) -> None:
             )
     _check_public_key("token.rsa_public_key", cfg.token.rsa_public_key, "RS256")
     _check_public_key("token.ecdsa_public_key", cfg.token.ecdsa_public_key, "ES256")
-    if cfg.mongodb.driver not in ("pymongo", "motor"):
-        raise ConfigError(
-            f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.mongodb.driver!r}"
-        )
+    check_redis(cfg.redis)
+    check_mongo(cfg.mongodb)
     for name, opts in [("channel", cfg.channel)] + [
         (f"namespaces.{n}", o) for n, o in cfg.namespaces.items()
     ]:
@@ -449,9 +498,7 @@ def _check_telemetry(t: TelemetryConfig) -> None:
         "telemetry.queue_size": t.queue_size,
         "telemetry.batch_size": t.batch_size,
     }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+    require_positive(positive)
     if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):
         raise ConfigError(
             f"telemetry.bucket_seconds: must be whole milliseconds, got {t.bucket_seconds}"

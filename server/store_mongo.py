@@ -83,8 +83,8 @@ from bson.raw_bson import RawBSONDocument
 
 from server.backoff import Availability, Backoff
 from server.broker import ClientInfo, Publication, StreamPosition
-from server.config import MongoConfig
-from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
+from server.config import MongoConfig, check_mongo
+from server.errors import EngineError, StoreFullError, StoreRejectedError
 from server.store import PersistOptions, Store, StoreStatus
 
 log = logging.getLogger("squall.store.mongo")
@@ -92,7 +92,6 @@ log = logging.getLogger("squall.store.mongo")
 HISTORY_INDEX: Final = "channel_epoch_offset"
 RECENT_INDEX: Final = "channel_recent"
 EXPIRE_INDEX: Final = "expire_at"
-MAX_BSON_DOCUMENT_BYTES: Final = 16 * 1024 * 1024
 DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
 # createIndexes answers meaning "no TTL index here": NotImplemented (FerretDB v1),
 # InvalidIndexSpecificationOption, CannotCreateIndex, IndexOptionsConflict.
@@ -153,7 +152,7 @@ class MongoStore:
     """Write-behind ``Store`` over MongoDB or FerretDB; see the module docstring."""
 
     def __init__(self, cfg: MongoConfig) -> None:
-        _check_config(cfg)
+        check_mongo(cfg)
         self._cfg = cfg
         self._client: _Client | None = None
         self._queue: deque[_Pending] = deque()
@@ -721,30 +720,6 @@ def _hosts(url: str) -> str:
 def _password(url: str) -> str:
     userinfo, at, _ = _netloc(url).rpartition("@")
     return userinfo.partition(":")[2] if at else ""
-
-
-def _check_config(cfg: MongoConfig) -> None:
-    positive: dict[str, float] = {
-        "mongodb.queue_size": cfg.queue_size,
-        "mongodb.batch_size": cfg.batch_size,
-        "mongodb.max_document_bytes": cfg.max_document_bytes,
-        "mongodb.timeout": cfg.timeout,
-        "mongodb.retention_interval": cfg.retention_interval,
-        "mongodb.retention_batch": cfg.retention_batch,
-        "mongodb.retry_delay": cfg.retry_delay,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be greater than 0, got {value}")
-    if cfg.max_document_bytes > MAX_BSON_DOCUMENT_BYTES:
-        raise ConfigError(
-            f"mongodb.max_document_bytes: at most {MAX_BSON_DOCUMENT_BYTES} (the BSON limit), "
-            f"got {cfg.max_document_bytes}"
-        )
-    if not cfg.collection:
-        raise ConfigError("mongodb.collection: must not be empty")
-    if cfg.driver not in ("pymongo", "motor"):
-        raise ConfigError(f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.driver!r}")
 
 
 def _conforms(s: MongoStore) -> Store:

@@ -406,3 +406,18 @@ def test_config_from_dict_validates_like_load_config():
     with pytest.raises(ConfigError, match=r"^client\.max_channels:"):
         config_from_dict({"client": {"max_channels": 0}})
     assert config_from_dict({}).client == ClientConfig()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("mongodb", "batch_size", 0),
+        ("mongodb", "timeout", 0),
+        ("redis", "socket_timeout", 0),
+        ("redis", "max_connections", 0),
+    ],
+)
+def test_engine_settings_are_checked_when_the_config_loads(section, key, value):
+    """A bad Redis or MongoDB setting stops start-up at load (exit 2), not at engine start."""
+    with pytest.raises(ConfigError, match=rf"^{section}\.{key}: must be greater than 0"):
+        config_from_dict({section: {key: value}})
