@@ -134,7 +134,9 @@ class Hub:
         self.started_at = time.monotonic()
         self.clients: dict[str, Client] = {}  # connected (after a successful connect)
         self.connecting: set[Client] = set()  # open connections that have not connected yet
-        self.users: dict[str, set[Client]] = {}
+        # user -> its connection, or a set once it has several (most users have
+        # one: a set per connection would cost about 220 bytes each).
+        self.users: dict[str, Client | set[Client]] = {}
         self.channels: dict[str, ChannelSubs] = {}
         self.rpc_handlers: dict[str, RpcHandler] = {}
         self.message_handlers: list[MessageHandler] = []
@@ -146,6 +148,7 @@ class Hub:
         self._restored: OrderedDict[str, None] = OrderedDict()
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._subscribed: asyncio.Future[None] | None = None  # see _subscribed_future
         self._drained = asyncio.Event()
         self._local_only_logged_at = -LOCAL_ONLY_LOG_INTERVAL  # see publish()
         self._store_reserved = 0  # persistent publishes past the queue check, not yet appended
@@ -204,18 +207,35 @@ class Hub:
 
     def add_client(self, client: Client) -> None:
         self.clients[client.id] = client
-        self.users.setdefault(client.user, set()).add(client)
+        user = client.user
+        conns = self.users.get(user)
+        if conns is None:
+            self.users[user] = client
+        elif isinstance(conns, set):
+            conns.add(client)
+        elif conns is not client:
+            self.users[user] = {conns, client}
+
+    def user_clients(self, user: str) -> list[Client]:
+        """The connected clients of ``user`` on this node."""
+        conns = self.users.get(user)
+        if conns is None:
+            return []
+        return list(conns) if isinstance(conns, set) else [conns]
 
     def remove_client(self, client: Client) -> None:
         """Forget a closed client: its subscriptions, presence and user entry."""
         self.clients.pop(client.id, None)
         if self.closing and not self.clients:
             self._drained.set()
-        conns = self.users.get(client.user)
-        if conns is not None:
+        user = client.user
+        conns = self.users.get(user)
+        if conns is client:
+            del self.users[user]
+        elif isinstance(conns, set):
             conns.discard(client)
             if not conns:
-                del self.users[client.user]
+                del self.users[user]
         for channel in list(client.subs):
             self.remove_subscription(client, channel)
 
@@ -255,14 +275,27 @@ class Hub:
             chan.throttled += 1
         if chan.ready is None:
             chan.ready = asyncio.ensure_future(self.broker.subscribe(channel))
+        ready = chan.ready
         try:
-            await asyncio.shield(chan.ready)
+            await asyncio.shield(ready)
         except EngineError as exc:
             log.warning("broker subscribe %s failed: %s", channel, exc)
-            if chan.ready.done():
+            if chan.ready is ready and ready.done():
                 chan.ready = None  # next subscriber retries
             self._drop(client, channel)
             raise ClientError(codes.INTERNAL) from None
+        if chan.ready is ready and ready is not self._subscribed:
+            # Keep one shared finished future instead of each channel's task
+            # (about 200 bytes a channel, and channels can be one per client).
+            chan.ready = self._subscribed_future()
+
+    def _subscribed_future(self) -> asyncio.Future[None]:
+        """A finished future standing for "the broker delivers this channel here"."""
+        fut = self._subscribed
+        if fut is None:
+            fut = self._subscribed = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+        return fut
 
     def remove_subscription(self, client: Client, channel: str) -> Subscription | None:
         """Drop one local subscription; announce leave and drop presence if needed."""
@@ -417,8 +450,7 @@ class Hub:
         if not isinstance(user, str):
             return []
         client_id = msg.get("client") or ""
-        conns = self.users.get(user, ())
-        return [c for c in conns if not client_id or c.id == client_id]
+        return [c for c in self.user_clients(user) if not client_id or c.id == client_id]
 
     def _push_join_leave(self, channel: str, kind: str, info: ClientInfo) -> None:
         chan = self.channels.get(channel)

@@ -955,3 +955,28 @@ async def test_server_api_send_pushes_a_message(squall):
     assert await next_of(c, "message") == {"message": {"data": {"note": 1}}}
     assert await other.command("ping") == {"id": 2, "ping": {}}
     assert not other.inbox
+
+
+async def test_server_api_send_follows_a_users_connections_as_they_come_and_go(squall):
+    """send reaches every connection of the user, then the one left after the other
+    closes; when the last one closes the user is no longer counted as connected."""
+    sq = await squall()
+    first = await sq.raw(connect=True)
+    second = await sq.raw(connect=True)
+    assert await sq.api("send", {"user": "alice", "data": 1}) == {"result": {}}
+    assert await next_of(first, "message") == {"message": {"data": 1}}
+    assert await next_of(second, "message") == {"message": {"data": 1}}
+    first.close()
+    await _until(lambda: len(sq.hub.clients) == 1)
+    assert await sq.api("send", {"user": "alice", "data": 2}) == {"result": {}}
+    assert await next_of(second, "message") == {"message": {"data": 2}}
+    second.close()
+    await _until(lambda: not sq.hub.clients)
+    assert sq.hub.node_info().num_users == 0
+
+
+async def _until(cond: Any, within: float = 2.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)

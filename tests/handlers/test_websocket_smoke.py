@@ -17,3 +17,17 @@ async def test_connect_subscribe_publish_roundtrip(squall):
     assert push["push"]["channel"] == "chat:a"
     assert push["push"]["pub"]["data"] == {"n": 1}
     assert push["push"]["pub"]["offset"] == 1
+
+
+async def test_handshake_during_shutdown_is_refused_with_503(squall):
+    """Once shutdown starts, a new WebSocket handshake gets HTTP 503, not a session."""
+    import pytest
+    import tornado.httpclient
+    import tornado.websocket
+
+    sq = await squall()
+    sq.hub.closing = True
+    with pytest.raises(tornado.httpclient.HTTPClientError) as err:
+        await tornado.websocket.websocket_connect(sq.ws_url)
+    assert err.value.code == 503
+    assert not sq.hub.clients
