@@ -180,6 +180,7 @@ class TelemetryConfig:
     devices_collection: str = "devices"  # MongoDB collection of devices (last seen/values)
     queue_size: int = 100_000  # points accepted but not yet written; full -> error 1001 / 503
     batch_size: int = 2000  # points per bulk write (grouped into one update per bucket)
+    max_bucket_updates: int = 200  # bucket updates in one write command (fewer after a timeout)
     flush_interval: float = 0.2  # seconds a partial batch waits for more before being written
 
 
@@ -497,6 +498,7 @@ def _check_telemetry(t: TelemetryConfig) -> None:
         "telemetry.max_query_steps": t.max_query_steps,
         "telemetry.queue_size": t.queue_size,
         "telemetry.batch_size": t.batch_size,
+        "telemetry.max_bucket_updates": t.max_bucket_updates,
     }
     require_positive(positive)
     if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):

@@ -27,8 +27,9 @@ Write path
     ``add`` queues points (bounded by ``telemetry.queue_size`` points;
     ``StoreFullError`` beyond) and updates an in-memory device cache. One
     flusher task takes up to ``telemetry.batch_size`` points once that many
-    wait or the oldest has waited ``telemetry.flush_interval``, groups them
-    by bucket and sends one upsert per bucket::
+    wait or the oldest has waited ``telemetry.flush_interval`` (stopping
+    before a point that would make more than ``telemetry.max_bucket_updates``
+    buckets), groups them by bucket and sends one upsert per bucket::
 
         q: {_id: <bucket id>, ts: {$nin: [<the group's ts>]}}
         u: {$push: {ts: {$each}, p: {$each}}, $inc: {n, s.<k>.sum, s.<k>.n},
@@ -48,7 +49,10 @@ Write path
     merge (KeyError). With ordered batches both servers behave alike: the
     writes before the first error are applied, the rest are sent again.
     Any other failure keeps the batch queued, marks the store not ready and
-    retries with capped, jittered backoff. A bucket update the server refuses
+    retries with capped, jittered backoff. A write that times out may still be
+    running on the server, and the same amount of work would time out again:
+    the number of bucket updates per write is halved (down to one), and grows
+    back by a quarter after each write that succeeds. A bucket update the server refuses
     outright (not a duplicate) is dropped and logged at ERROR, as in
     ``MongoStore``.
 
@@ -174,6 +178,7 @@ class MongoTelemetryStore:
         self._last_latency = 0.0
         self._written = 0
         self._rejected = 0
+        self._max_groups = cfg.max_bucket_updates  # halved after a timeout, then regrown
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -418,20 +423,37 @@ class MongoTelemetryStore:
             except asyncio.CancelledError:
                 raise
             except (PyMongoError, EngineError) as exc:
+                if _is_timeout(exc) and self._max_groups > 1:
+                    # The server may still be applying the command it was too slow
+                    # for; sending the same amount again would time out again.
+                    self._max_groups = max(1, self._max_groups // 2)
+                    log.warning(
+                        "telemetry write timed out; bucket updates per write now %d",
+                        self._max_groups,
+                    )
                 self._mark_down(exc)
                 await asyncio.sleep(backoff.next())  # retry backoff, not a sync point
                 continue
             backoff.reset()
+            if self._max_groups < self._cfg.max_bucket_updates:
+                self._max_groups = min(
+                    self._cfg.max_bucket_updates, self._max_groups + max(1, self._max_groups // 4)
+                )
 
     async def _flush_batch(self) -> None:
-        batch = list(itertools.islice(self._queue, self._cfg.batch_size))
+        # The batch is the longest prefix of the queue with at most batch_size
+        # points in at most _max_groups buckets: one command's work stays bounded.
+        batch: list[_Pending] = []
         groups: dict[tuple[str, int], _Group] = {}
-        for item in batch:
+        for item in itertools.islice(self._queue, self._cfg.batch_size):
             b = bucket_start(item.point.ts, self._bucket_ms)
             group = groups.get((item.device, b))
             if group is None:
+                if len(groups) >= self._max_groups:
+                    break
                 group = groups[(item.device, b)] = _Group(item.device, b, [])
             group.points.append(item.point)
+            batch.append(item)
         devices = {d: c.version for d, c in self._devices.items() if c.version != c.written}
         started = time.monotonic()
         if groups:
@@ -611,6 +633,19 @@ class MongoTelemetryStore:
                 continue
             if deleted:
                 log.debug("telemetry retention deleted buckets=%d", deleted)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    """A write the server did not finish in time (it may still be working on it)."""
+    from pymongo.errors import ExecutionTimeout, NetworkTimeout, WTimeoutError
+
+    if isinstance(exc, NetworkTimeout | ExecutionTimeout | WTimeoutError):
+        return True
+    # EngineError carries the driver error's type name (see _describe).
+    text = str(exc)
+    return isinstance(exc, EngineError) and any(
+        f"{t.__name__}:" in text for t in (NetworkTimeout, ExecutionTimeout, WTimeoutError)
+    )
 
 
 def _stored_last(doc: Mapping[str, Any]) -> dict[str, tuple[int, float]]:

@@ -15,6 +15,7 @@ a restart.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -291,3 +292,44 @@ async def test_mongo_close_flushes_and_a_new_store_reads_everything_back(
         await again.close()
     [device] = await stored(mongo_url, unique_prefix, CFG.devices_collection)
     assert device["last"]["temp"]["v"] == points[-1].values["temp"]
+
+
+async def test_mongo_bounds_bucket_updates_per_write_and_halves_them_after_a_timeout(
+    mongo_url, unique_prefix
+):
+    """A write command carries at most ``max_bucket_updates`` bucket updates; after a
+    write times out (the server may still be applying it) the store sends half as many,
+    then grows back, and every point still ends up stored exactly once."""
+    from pymongo.errors import NetworkTimeout
+
+    cfg = TelemetryConfig(bucket_seconds=BUCKET_MS / 1000, flush_interval=0.01, batch_size=10_000)
+    cfg = dataclasses.replace(cfg, max_bucket_updates=4)
+    store = make_store("mongo-pymongo", mongo_url, unique_prefix, cfg)
+    assert isinstance(store, MongoTelemetryStore)
+    sizes: list[int] = []
+    real_update = store._update
+    timeouts = [1]  # the first bucket write times out once
+
+    async def observed(collection: str, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if collection == cfg.collection:
+            sizes.append(len(updates))
+            if timeouts:
+                timeouts.pop()
+                raise NetworkTimeout("timed out (injected)")
+        return await real_update(collection, updates)
+
+    store._update = observed  # type: ignore[method-assign]
+    await store.start()
+    try:
+        for d in range(10):  # 10 devices x 2 buckets = 20 bucket updates
+            await store.add(f"d{d}", [Point(T0 + i * 5000, {"v": float(d)}) for i in range(4)], T0)
+        await written(store)
+    finally:
+        await store.close()
+    assert sizes[0] == 4  # at most max_bucket_updates in one command
+    assert sizes[1] == 2  # halved after the timeout
+    assert max(sizes) <= 4
+    assert sizes[-1] > 2  # grown back after successful writes
+    buckets = await stored(mongo_url, unique_prefix, cfg.collection)
+    assert len(buckets) == 20
+    assert sorted(b["n"] for b in buckets) == [2] * 20  # every point once, none lost
