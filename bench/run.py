@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Squall benchmark suite: build, run every scenario against every server, report.
 
-    python bench/run.py [--quick] [--servers squall,centrifugo,naive,socketio]
+    python bench/run.py [--quick] [--servers squall,centrifugo,naive,socketio,insert_one]
                         [--scenarios fanout,channels,conns,telemetry] [--reps N]
-                        [--centrifugo PATH]
+                        [--centrifugo PATH] [--mongodb-url URL]
 
 Builds the Go load generator (bench/loadgen) and, when no binary is found,
 tries ``go install`` of Centrifugo into bench/.cache/bin. Each server runs
@@ -35,6 +35,8 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -55,7 +57,7 @@ LOADGEN = BIN / "loadgen"
 SECRET = "squall-bench-hmac-secret-0123456789abcdef"
 API_KEY = "squall-bench-api-key"
 CENTRIFUGO_MODULE = "github.com/centrifugal/centrifugo/v6@latest"
-REQUIRED_MODULES = ("tornado", "jwt", "aiohttp", "socketio", "engineio", "matplotlib")
+REQUIRED_MODULES = ("tornado", "jwt", "aiohttp", "socketio", "engineio", "matplotlib", "pymongo")
 
 PLOTS = {
     "latency_vs_rate.png": "latency (p50, p99) against delivered messages/s",
@@ -95,6 +97,13 @@ class Profile:
     ingest_start: float  # first ramp step, telemetry points/s
     conn_rate: float  # connection attempts per second
     timeout: float  # hard limit for one load generator run, seconds
+    # Telemetry (scenario 4); defaults are the full profile's.
+    baseline_start: float = 200  # first ramp step of the insert_one baseline, points/s
+    persist_step: float = 5.0  # seconds of the fixed-rate step whose points are counted in MongoDB
+    persist_wait: float = 20.0  # longest wait after a step for the store to finish writing, s
+    devices: int = 1000  # WebSocket devices (the issue's target point: 1 000 x 10 Hz)
+    device_hz: float = 10.0  # frames per second per device, one point each
+    devices_step: float = 5.0  # seconds of the measured WebSocket step (after a 1 s warm-up)
 
 
 FULL = Profile(
@@ -135,6 +144,11 @@ QUICK = Profile(
     ingest_start=2000,
     conn_rate=5000,
     timeout=180,
+    persist_step=2.0,
+    persist_wait=5.0,
+    devices=50,
+    device_hz=5.0,
+    devices_step=3.0,
 )
 
 
@@ -184,13 +198,13 @@ def pinned(cpu: int, argv: list[str]) -> list[str]:
 class Running:
     """A started server process; stopped by its own pid."""
 
-    def __init__(self, server: Server, label: str) -> None:
+    def __init__(self, server: Server, label: str, env: dict[str, str] | None = None) -> None:
         self.server = server
         self.port = free_port()
         LOGS.mkdir(parents=True, exist_ok=True)
         self.log_path = LOGS / f"{server.key}-{label}.log"
         self.log = self.log_path.open("wb")
-        env = {**os.environ, **server.env}
+        env = {**os.environ, **server.env, **(env or {})}
         self.proc = subprocess.Popen(
             pinned(0, server.argv(self.port)),
             cwd=server.cwd,
@@ -230,11 +244,11 @@ class Running:
 
 
 @contextlib.contextmanager
-def running(server: Server, label: str) -> Iterator[Running]:
+def running(server: Server, label: str, env: dict[str, str] | None = None) -> Iterator[Running]:
     """Start server on a free port (three tries: another process may take the port)."""
     for attempt in range(3):
         try:
-            r = Running(server, label)
+            r = Running(server, label, env)
             break
         except RuntimeError as exc:
             if attempt == 2:
@@ -314,7 +328,21 @@ def make_servers(args: argparse.Namespace) -> list[Server]:
             API_KEY,
         ],
     )
-    return [squall, centrifugo, naive, sio]
+    insert_one = Server(
+        key="insert_one",
+        title="insert_one baseline",
+        proto="centrifugo",
+        ws_path="/connection/websocket",  # not served: HTTP telemetry ingest only
+        argv=lambda port: [
+            py,
+            str(BENCH / "peers" / "telemetry_insert_one.py"),
+            "--port",
+            str(port),
+            "--secret",
+            SECRET,
+        ],
+    )
+    return [squall, centrifugo, naive, sio, insert_one]
 
 
 # ---------------------------------------------------------------- setup
@@ -554,7 +582,28 @@ class Scenario:
 
     def applicable(self, srv: Server) -> str:
         """Empty when the scenario applies to srv; otherwise why not."""
+        if srv.key == "insert_one":
+            return "telemetry persistence baseline only"
         return ""
+
+    def serves(self, label: str, srv: Server) -> str:
+        """Empty when the point ``label`` is run on srv; otherwise why not."""
+        return ""
+
+    def slug(self, label: str, size: int) -> str:
+        """The point's part of log file names."""
+        return str(size)
+
+    @contextlib.contextmanager
+    def around(self, srv: Server, tag: str) -> Iterator[dict[str, str]]:
+        """Held while one server run lasts; yields extra environment for the server."""
+        yield {}
+
+    def measure(
+        self, run: Running, label: str, size: int, prof: Profile, hint: float | None
+    ) -> dict[str, Any]:
+        """Drive one running server through the point; the load generator's report."""
+        return run_loadgen(run, prof, self.args(size, prof, run, hint))
 
     def probe(self, run: Running) -> str:
         """Checked on a running server before its first run; empty means go."""
@@ -572,17 +621,44 @@ class Scenario:
         return m / 4 if m else None
 
 
+# The issue's latency target point: S subscribers at 10 publications/s, measured
+# before the ramp (so no overloaded step precedes it).
+FIXED_PUB_RATE = 10
+
+
 class FanOut(Scenario):
     key = "fanout"
     title = "1. Fan-out: one channel, S subscribers, HTTP API publisher"
-    figures = [Figure("max", "max sustained deliveries/s", "/s", True), *LATENCY_FIGURES]
+    figures = [
+        Figure("max", "max sustained deliveries/s", "/s", True),
+        Figure("p50_fixed", f"p50 latency at {FIXED_PUB_RATE} publications/s", "ms", False),
+        Figure("p99_fixed", f"p99 latency at {FIXED_PUB_RATE} publications/s", "ms", False),
+        *LATENCY_FIGURES,
+    ]
 
     def points(self, prof: Profile, fd_cap: int) -> list[tuple[str, int]]:
         return [(f"S={s:,}", min(s, fd_cap)) for s in prof.fanout_subs]
 
     def args(self, size: int, prof: Profile, run: Running, hint: float | None) -> list[str]:
         start = max(hint or 0, prof.fanout_start)
-        return ["-mode", "fanout", "-subs", str(size), "-start", f"{start:.0f}"]
+        return [
+            "-mode",
+            "fanout",
+            "-subs",
+            str(size),
+            "-start",
+            f"{start:.0f}",
+            "-fixed",
+            str(FIXED_PUB_RATE),
+        ]
+
+    def figures_of(self, rep: dict[str, Any]) -> dict[str, float | None]:
+        fixed = rep.get("fixed")
+        return {
+            **ramp_figures(rep),
+            "p50_fixed": _lat(fixed, "p50_ms"),
+            "p99_fixed": _lat(fixed, "p99_ms"),
+        }
 
 
 class Channels(Scenario):
@@ -639,31 +715,357 @@ class Conns(Scenario):
         return None
 
 
-class Telemetry(Scenario):
-    """Telemetry ingest through Squall's ``POST /api/telemetry``.
+# ---------------------------------------------------------------- telemetry store
 
-    Pluggable: it runs only where ``probe`` gets a 2xx for one point. The load
-    generator's ``ingest`` mode posts frames of 10 points, each frame from one
-    of 200 devices in turn with that device's token (claims ``sub``,
-    ``device: true``). The store is the in-memory one, or MongoDB when
-    ``--mongodb-url`` (or ``$SQUALL_BENCH_MONGODB_URL``) is given.
+FERRETDB_CPU = 1  # FerretDB shares the load generator's CPU: CPU 0 stays the server's alone
+BUCKETS = "telemetry_buckets"  # Squall's telemetry.collection (default; squall-bench.yaml keeps it)
+BASELINE_POINTS = "points"  # the insert_one peer's collection
+
+
+def ferretdb_binary() -> str | None:
+    """FerretDB as the tests find it: $SQUALL_FERRETDB_BIN, .services/bin, then PATH."""
+    env = os.environ.get("SQUALL_FERRETDB_BIN")
+    candidates: list[str | None] = [env]
+    if not env:
+        candidates = [str(REPO / ".services" / "bin" / "ferretdb"), shutil.which("ferretdb")]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+class FerretDB:
+    """A private FerretDB v1: SQLite backend in a temporary directory, a free loopback
+    port, pinned to FERRETDB_CPU; stopped by its own pid and its directory removed."""
+
+    def __init__(self, binary: str, label: str) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="squall-bench-ferretdb-"))
+        data = self.dir / "data"
+        data.mkdir()
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"ferretdb-{label}.log"
+        argv = [  # the flags of tests/helpers/services.py
+            binary,
+            "--handler=sqlite",
+            f"--sqlite-url=file:{data}/",
+            f"--listen-addr=127.0.0.1:{self.port}",
+            f"--state-dir={self.dir}",
+            "--debug-addr=-",
+            "--telemetry=disable",
+            "--log-level=warn",
+        ]
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                pinned(FERRETDB_CPU, argv),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_port(self.port, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"FerretDB {exc}; log: {self.log_path}") from None
+
+    @property
+    def url(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MongoSource:
+    """Where scenario 4 gets MongoDB: ``--mongodb-url``; else a FerretDB that run.py
+    starts for every server run; else none (Squall's in-memory store)."""
+
+    def __init__(self, url: str, ferretdb: str | None) -> None:
+        self.url = url
+        self.ferretdb = None if url else ferretdb
+        self.version = ""
+        if self.ferretdb:
+            self.version = tool_version([self.ferretdb, "--version"]).removeprefix("version: ")
+        self._seq = 0
+
+    @property
+    def available(self) -> bool:
+        return bool(self.url or self.ferretdb)
+
+    def describe(self) -> str:
+        if self.url:
+            parts = urllib.parse.urlsplit(self.url)
+            host = f"{parts.hostname}:{parts.port or 27017}"
+            return (
+                f"the MongoDB server given by `--mongodb-url` ({host}); a fresh database for "
+                "every server run, dropped afterwards"
+            )
+        if self.ferretdb:
+            return (
+                f"FerretDB {self.version} (SQLite backend), started by run.py for every server "
+                "run with an empty data directory and a fresh database, pinned to CPU 1 "
+                "(shared with the load generator, so CPU 0 stays the server's alone)"
+            )
+        return (
+            "**none**: no `--mongodb-url`, no `$SQUALL_BENCH_MONGODB_URL` and no FerretDB binary "
+            "(`$SQUALL_FERRETDB_BIN`, `.services/bin/ferretdb` from `scripts/install-services`, "
+            "`ferretdb` on PATH). Squall ran with its in-memory telemetry store: the accepted "
+            "and latency figures below are in-memory figures, nothing was persisted, and the "
+            "insert_one baseline could not run"
+        )
+
+    @contextlib.contextmanager
+    def database(self, label: str) -> Iterator[tuple[str, str]]:
+        """A (url, database name) used by one server run only."""
+        self._seq += 1
+        name = f"squall_bench_{os.getpid()}_{self._seq}"
+        if self.ferretdb:
+            for attempt in range(3):  # another process may take the free port first
+                try:
+                    fdb = FerretDB(self.ferretdb, label)
+                    break
+                except RuntimeError as exc:
+                    if attempt == 2:
+                        raise
+                    say(f"FerretDB did not start ({exc}); retrying")
+            try:
+                yield fdb.url, name
+            finally:
+                fdb.stop()
+            return
+        try:
+            yield self.url, name
+        finally:
+            drop_database(self.url, name)
+
+
+def mongo_client(url: str) -> Any:
+    from pymongo import MongoClient
+
+    return MongoClient(url, serverSelectionTimeoutMS=5000, socketTimeoutMS=120_000)
+
+
+def drop_database(url: str, name: str) -> None:
+    """Drop a database of ours; again while it reappears (FerretDB may still be applying
+    writes a client gave up on), a few times at most."""
+    try:
+        with mongo_client(url) as client:
+            for _ in range(5):
+                client.drop_database(name)
+                time.sleep(1.0)
+                if name not in client.list_database_names():
+                    return
+    except Exception as exc:  # cleanup must not fail the suite
+        say(f"could not drop database {name}: {type(exc).__name__}: {exc}"[:300])
+        return
+    say(f"database {name} still exists after 5 drops (writes still arriving); drop it by hand")
+
+
+def stored_points(url: str, db: str, server_key: str) -> int:
+    """Points stored in MongoDB: documents of the baseline, ``n`` of Squall's buckets."""
+    with mongo_client(url) as client:
+        if server_key == "insert_one":
+            return int(client[db][BASELINE_POINTS].count_documents({}))
+        docs = client[db][BUCKETS].find({}, {"n": 1, "_id": 0})
+        return sum(int(d.get("n", 0)) for d in docs)
+
+
+def written_counter(run: Running) -> tuple[int, int, str] | None:
+    """(points whose write MongoDB acknowledged, points queued, store error) from the server.
+
+    Squall: ``telemetry.points_written`` and ``queue_depth`` of ``GET /ready``; the
+    baseline: ``GET /stats`` (it writes before it answers, so nothing is queued).
+    """
+    path = "/stats" if run.server.key == "insert_one" else "/ready"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{run.port}{path}", timeout=5) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # /ready answers 503 while the store is down
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+    if run.server.key == "insert_one":
+        return int(body.get("inserted", 0)), 0, ""
+    t = body.get("telemetry") or {}
+    if "points_written" not in t:
+        return None  # in-memory store: nothing is written anywhere
+    return int(t["points_written"]), int(t.get("queue_depth", 0)), str(t.get("error", ""))
+
+
+class WriteSampler:
+    """Samples ``written_counter`` every 0.1 s, in a thread while the load generator runs
+    and then in the caller until the server's writes stop."""
+
+    def __init__(self, run: Running) -> None:
+        self.run = run
+        self.samples: list[tuple[float, int]] = []  # (time.time(), points written)
+        self.queued = 0
+        self.error = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> tuple[int, int, str] | None:
+        s = written_counter(self.run)
+        if s is not None:
+            self.samples.append((time.time(), s[0]))
+            self.queued, self.error = s[1], s[2] or self.error
+        return s
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(0.1):
+                self.sample()
+
+        self._thread = threading.Thread(target=loop, name="write-sampler", daemon=True)
+        self._thread.start()
+
+    def settle(self, wait: float, quiet: float = 1.0) -> bool:
+        """Stop the thread; sample until nothing is queued and the count has not moved
+        for ``quiet`` seconds (True), or ``wait`` seconds have passed (False)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        deadline = time.monotonic() + wait
+        last, since = None, time.monotonic()
+        while True:
+            s = self.sample()
+            now = time.monotonic()
+            if s is not None:
+                if s[0] != last:
+                    last, since = s[0], now
+                elif s[1] == 0 and now - since >= quiet:
+                    return True
+            if now >= deadline:
+                return False
+            time.sleep(0.1)
+
+    def last_increase(self) -> tuple[float, int] | None:
+        """(time, count) of the first sample that showed the final count."""
+        if not self.samples:
+            return None
+        final = self.samples[-1][1]
+        return next((t, n) for t, n in self.samples if n == final)
+
+
+# ---------------------------------------------------------------- scenario 4
+
+
+class Telemetry(Scenario):
+    """Telemetry ingest (scenario 4): Squall's batched write-behind path against a
+    per-point ``insert_one`` baseline, and WebSocket devices with dashboards.
+
+    Three points, each on a fresh server process (and, with FerretDB, a fresh
+    FerretDB) per repetition:
+
+    * ``HTTP ramp``: ``POST /api/telemetry`` at ramping rates (``ingest`` mode:
+      frames of 10 points, 200 devices in turn, device tokens): max sustained
+      accepted points/s and request latency. Squall and the baseline.
+    * ``HTTP persistence``: one fixed-rate step (``ingest-fixed``) at the median max
+      accepted rate of the ramp point, ``persist_step`` seconds; the servers'
+      acknowledged-write counters are sampled every 0.1 s until they stop moving,
+      and MongoDB is counted before and after. Persisted points/s = points stored
+      / (time from the step's start to the last increase). Squall and the baseline.
+    * ``WebSocket``: D device connections at F frames/s of one point each
+      (``devices`` mode), dashboards subscribed to every device channel (100
+      channels each: ``client.max_channels`` is 128); accepted points/s, publish
+      reply latency, ingest-to-dashboard latency, and points persisted. Squall only.
+
+    It runs only where ``probe`` gets a 2xx for one point.
     """
 
     key = "telemetry"
-    title = "4. Telemetry ingest: POST /api/telemetry"
-    figures = [
-        Figure("max", "max sustained points/s (10 per request)", "/s", True),
+    title = "4. Telemetry ingest: device points, MongoDB persistence"
+    RAMP = "HTTP ramp"
+    PERSIST = "HTTP persistence"
+    WS = "WebSocket"
+    RAMP_FIGURES = [
+        Figure("max", "max sustained accepted points/s (10 per request)", "/s", True),
         Figure("p50_50", "p50 request latency at 50% of max", "ms", False),
         Figure("p99_50", "p99 request latency at 50% of max", "ms", False),
         Figure("p50_90", "p50 request latency at 90% of max", "ms", False),
         Figure("p99_90", "p99 request latency at 90% of max", "ms", False),
     ]
+    PERSIST_FIGURES = [
+        Figure("offered", "offered points/s (median max accepted of the ramp)", "/s", True),
+        Figure("accepted", "accepted points/s in the step", "/s", True),
+        Figure("persisted", "persisted points/s", "/s", True),
+        Figure("stored_pct", "stored / accepted", "%", True),
+        Figure("drain_s", "last write after the step ended", "s", False),
+    ]
+    WS_FIGURES = [
+        Figure("accepted", "accepted points/s", "/s", True),
+        Figure("reply_p99", "p99 publish reply", "ms", False),
+        Figure("e2e_p50", "p50 ingest to dashboard", "ms", False),
+        Figure("e2e_p99", "p99 ingest to dashboard", "ms", False),
+        Figure("e2e_p999", "p99.9 ingest to dashboard", "ms", False),
+        Figure("delivered_pct", "points delivered to the dashboards in time", "%", True),
+        Figure("stored_pct", "stored / accepted", "%", True),
+    ]
+    figures = RAMP_FIGURES
+
+    def __init__(self) -> None:
+        self.mongo = MongoSource("", None)
+        self.max_accepted: dict[str, list[float]] = {}
+        self._db: tuple[str, str] | None = None  # (url, database) of the current server run
+
+    def configure(self, args: argparse.Namespace) -> None:
+        host = urllib.parse.urlsplit(args.mongodb_url).hostname if args.mongodb_url else None
+        if host not in (None, "127.0.0.1", "localhost", "::1"):
+            raise SystemExit("bench: --mongodb-url must point at this machine's loopback")
+        self.mongo = MongoSource(args.mongodb_url, ferretdb_binary())
 
     def points(self, prof: Profile, fd_cap: int) -> list[tuple[str, int]]:
-        return [("HTTP", 0)]
+        d = min(prof.devices, max(1, fd_cap - 20))  # + dashboards and the HTTP client
+        ws = f"{self.WS}: {d:,} devices {TIMES} {prof.device_hz:g} Hz"
+        if d != prof.devices:
+            ws += f" (capped from {prof.devices:,} by RLIMIT_NOFILE)"
+        return [(self.RAMP, 0), (self.PERSIST, 0), (ws, d)]
+
+    def kind(self, label: str) -> str:
+        if label.startswith(self.WS):
+            return "ws"
+        return "persist" if label == self.PERSIST else "ramp"
+
+    def slug(self, label: str, size: int) -> str:
+        return {"ramp": "http-ramp", "persist": "http-persist"}.get(self.kind(label), f"ws-{size}")
 
     def applicable(self, srv: Server) -> str:
-        return "" if srv.key == "squall" else "no telemetry endpoint (Squall feature)"
+        if srv.key in ("squall", "insert_one"):
+            return ""
+        return "no telemetry endpoint (Squall feature)"
+
+    def serves(self, label: str, srv: Server) -> str:
+        kind = self.kind(label)
+        if kind == "ws" and srv.key == "insert_one":
+            return "HTTP ingest only"
+        if kind == "persist" and not self.mongo.available:
+            return "no MongoDB"
+        return ""
+
+    @contextlib.contextmanager
+    def around(self, srv: Server, tag: str) -> Iterator[dict[str, str]]:
+        if not self.mongo.available:
+            self._db = None
+            yield {}
+            return
+        with self.mongo.database(tag) as (url, name):
+            self._db = (url, name)
+            try:
+                yield {"SQUALL_MONGODB_URL": url, "SQUALL_MONGODB_DATABASE": name}
+            finally:
+                self._db = None
 
     def probe(self, run: Running) -> str:
         import jwt
@@ -695,7 +1097,8 @@ class Telemetry(Scenario):
         return ""
 
     def args(self, size: int, prof: Profile, run: Running, hint: float | None) -> list[str]:
-        start = max(hint or 0, prof.ingest_start)
+        first = prof.baseline_start if run.server.key == "insert_one" else prof.ingest_start
+        start = max(hint or 0, first)
         return [
             "-mode",
             "ingest",
@@ -707,10 +1110,185 @@ class Telemetry(Scenario):
             "10",
             "-devices",
             "200",
+            "-prefix",
+            "ramp-",
         ]
 
+    def measure(
+        self, run: Running, label: str, size: int, prof: Profile, hint: float | None
+    ) -> dict[str, Any]:
+        kind = self.kind(label)
+        if kind == "ramp":
+            rep = run_loadgen(run, prof, self.args(size, prof, run, hint))
+            top = (rep.get("max_sustained") or {}).get("deliveries_per_s")
+            if top:
+                self.max_accepted.setdefault(run.server.key, []).append(float(top))
+            after = written_counter(run) if self._db else None
+            if after is not None:  # how far the store was behind when the ramp ended
+                rep["store_after"] = {"written": after[0], "queued": after[1], "error": after[2]}
+        elif kind == "persist":
+            rep = self._persist(run, prof)
+        else:
+            rep = self._devices(run, size, prof)
+        rep["_kind"] = kind
+        return rep
 
-SCENARIOS: list[Scenario] = [FanOut(), Channels(), Conns(), Telemetry()]
+    def _persist(self, run: Running, prof: Profile) -> dict[str, Any]:
+        tops = self.max_accepted.get(run.server.key)
+        rate = statistics.median(tops) if tops else prof.ingest_start
+        sampler = WriteSampler(run)
+        sampler.settle(prof.persist_wait, quiet=0.5)  # the probe's point is written
+        before = self._count(run)
+        sampler.samples.clear()
+        sampler.sample()  # the count before the step
+        sampler.start()
+        rep = run_loadgen(
+            run,
+            prof,
+            [
+                "-mode",
+                "ingest-fixed",
+                "-api",
+                run.api_url("telemetry"),
+                "-rate",
+                f"{rate:.0f}",
+                "-measure",
+                f"{prof.persist_step}s",
+                "-points",
+                "10",
+                "-devices",
+                "200",
+                "-prefix",
+                "persist-",
+            ],
+        )
+        drained = sampler.settle(prof.persist_wait)
+        counted_at = time.time()
+        after = self._count(run)
+        tel = rep.get("telemetry") or {}
+        p: dict[str, Any] = {"offered": rate, "drained": drained, "wait_s": prof.persist_wait}
+        p["accepted"] = int(tel.get("points_accepted_total", 0))
+        step = tel.get("step") or {}
+        p["accepted_per_s"] = step.get("deliveries_per_s")
+        if step.get("reason"):  # the step fell behind: why (503s from a full queue, ...)
+            p["step_reason"] = step["reason"]
+        if isinstance(before, str) or isinstance(after, str):
+            p["error"] = before if isinstance(before, str) else after
+        else:
+            p["stored"] = after - before
+        last = sampler.last_increase()
+        t0 = tel.get("step_start_unix_ns", 0) / 1e9
+        t1 = tel.get("step_end_unix_ns", 0) / 1e9
+        stored = p.get("stored")
+        if stored is not None and t0:
+            if not drained:
+                # The writer was busy from the step's start until the wait ran out: what
+                # MongoDB holds by then, over that time. (The server's counter may lag:
+                # Squall counts a batch only once all of it is acknowledged.)
+                p["persisted_per_s"] = stored / (counted_at - t0)
+            elif stored == 0:
+                p["persisted_per_s"] = 0.0
+            elif last is not None and last[0] > t0:
+                p["persisted_per_s"] = stored / (last[0] - t0)
+                p["drain_s"] = max(0.0, last[0] - t1)
+        p["queued_at_end"] = sampler.queued
+        if sampler.error:
+            p["store_error"] = sampler.error[:300]
+        rep["persist"] = p
+        return rep
+
+    def _devices(self, run: Running, size: int, prof: Profile) -> dict[str, Any]:
+        sampler = WriteSampler(run) if self._db else None
+        before: int | str | None = None
+        if sampler is not None:
+            sampler.settle(prof.persist_wait, quiet=0.5)
+            before = self._count(run)
+        dashboards = max(1, -(-size // 100))  # at most 100 channels each (max_channels is 128)
+        rep = run_loadgen(
+            run,
+            prof,
+            [
+                "-mode",
+                "devices",
+                "-devices",
+                str(size),
+                "-hz",
+                f"{prof.device_hz:g}",
+                "-points",
+                "1",
+                "-dashboards",
+                str(dashboards),
+                "-warmup",
+                "1s",
+                "-measure",
+                f"{prof.devices_step}s",
+                "-prefix",
+                "ws-",
+            ],
+        )
+        if sampler is not None:
+            drained = sampler.settle(prof.persist_wait)
+            after = self._count(run)
+            tel = rep.get("telemetry") or {}
+            p: dict[str, Any] = {"drained": drained, "wait_s": prof.persist_wait}
+            p["accepted"] = int(tel.get("points_accepted_total", 0))
+            if isinstance(before, str) or isinstance(after, str):
+                p["error"] = before if isinstance(before, str) else after
+            elif before is not None:
+                p["stored"] = after - before
+            p["queued_at_end"] = sampler.queued
+            if sampler.error:
+                p["store_error"] = sampler.error[:300]
+            rep["persist"] = p
+        return rep
+
+    def _count(self, run: Running) -> int | str:
+        """Points stored in this run's database, or why they could not be counted."""
+        if self._db is None:
+            return "no database"
+        try:
+            return stored_points(*self._db, run.server.key)
+        except Exception as exc:  # a failed count is reported, it does not stop the suite
+            return f"counting the stored points failed: {type(exc).__name__}: {exc}"[:300]
+
+    def figures_of(self, rep: dict[str, Any]) -> dict[str, float | None]:
+        kind = rep.get("_kind", "ramp")
+        p = rep.get("persist") or {}
+        stored_pct = None
+        if p.get("stored") is not None and p.get("accepted") and p.get("drained"):
+            stored_pct = 100.0 * p["stored"] / p["accepted"]
+        if kind == "persist":
+            return {
+                "offered": p.get("offered"),
+                "accepted": p.get("accepted_per_s"),
+                "persisted": p.get("persisted_per_s"),
+                "stored_pct": stored_pct,
+                "drain_s": p.get("drain_s"),
+            }
+        if kind == "ws":
+            step = (rep.get("telemetry") or {}).get("step") or {}
+            if not step:
+                return {}
+            ratio = step.get("delivered_ratio")
+            return {
+                "accepted": step.get("deliveries_per_s"),
+                "reply_p99": (step.get("publish") or {}).get("http_latency", {}).get("p99_ms"),
+                "e2e_p50": _lat(step, "p50_ms"),
+                "e2e_p99": _lat(step, "p99_ms"),
+                "e2e_p999": _lat(step, "p999_ms"),
+                "delivered_pct": 100.0 * ratio if ratio is not None else None,
+                "stored_pct": stored_pct,
+            }
+        return {k: v for k, v in ramp_figures(rep).items() if k in {f.key for f in self.figures}}
+
+    def hint_of(self, figs: dict[str, float | None]) -> float | None:
+        return super().hint_of(figs) if "max" in figs else None
+
+
+TELEMETRY = Telemetry()
+
+
+SCENARIOS: list[Scenario] = [FanOut(), Channels(), Conns(), TELEMETRY]
 
 
 # ---------------------------------------------------------------- the run
@@ -762,11 +1340,13 @@ def run_suite(
                     if why:
                         skipped[f"{sc.key}/{srv.key}"] = why
                         continue
+                    if sc.serves(label, srv):
+                        continue
                     where = f"{sc.key} {label} {srv.title} rep {rep_i + 1}"
                     cell = results.setdefault((sc.key, label, srv.key), Cell())
-                    tag = f"{sc.key}-{size}-r{rep_i + 1}"
+                    tag = f"{sc.key}-{sc.slug(label, size)}-r{rep_i + 1}"
                     try:
-                        with running(srv, tag) as run:
+                        with sc.around(srv, tag) as env, running(srv, tag, env) as run:
                             why = sc.probe(run)
                             if why:
                                 skipped[f"{sc.key}/{srv.key}"] = why
@@ -775,7 +1355,7 @@ def run_suite(
                                 continue
                             say(f"{where}: running")
                             hint = hints.get(srv.key)
-                            rep = run_loadgen(run, prof, sc.args(size, prof, run, hint))
+                            rep = sc.measure(run, label, size, prof, hint)
                     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                         srv.failures.append(f"{where}: {exc}")
                         cell.note = str(exc)
@@ -917,16 +1497,8 @@ def render(
         w(f"## {sc.title}\n")
         not_run = {k.split("/")[1]: v for k, v in skipped.items() if k.startswith(sc.key + "/")}
         if sc.key == "telemetry":
-            sq = by_key.get("squall")
-            if sq is None:
-                w("Not run: Squall was not among the selected servers (--servers).\n")
-                continue
-            if not sq.available:
-                w(f"Not available: Squall is not available ({sq.reason}).\n")
-                continue
-            if "squall" in not_run:
-                w(f"Squall: {not_run['squall']}. The scenario will run once it does.\n")
-                continue
+            out.extend(render_telemetry(prof, servers, results, not_run, meta))
+            continue
         points = sc.points(prof, meta["fd_cap"])
         for label, _size in points:
             cells = {k[2]: c for k, c in results.items() if k[0] == sc.key and k[1] == label}
@@ -992,6 +1564,247 @@ def render(
     return "\n".join(out) + "\n"
 
 
+def _cell_text(st: tuple[float, float, float] | None, reps: list[dict[str, Any]]) -> str:
+    """'**median** (min to max)' of one telemetry figure, marked when the machine was noisy."""
+    if st is None:
+        return "n/a"
+    noisy = " \u2020" if any(r.get("_foreign_cpu", 0) > NOISY for r in reps) else ""
+    spread = f" ({fmt(st[1])}{DASH}{fmt(st[2])})" if len(reps) > 1 else ""
+    return f"**{fmt(st[0])}**{noisy}{spread}"
+
+
+def render_telemetry(
+    prof: Profile,
+    servers: list[Server],
+    results: Results,
+    not_run: dict[str, str],
+    meta: dict[str, Any],
+) -> list[str]:
+    """The telemetry section of RESULTS.md (after its heading)."""
+    out: list[str] = []
+    w = out.append
+    by_key = {s.key: s for s in servers}
+    sq = by_key.get("squall")
+    if sq is None:
+        w("Not run: Squall was not among the selected servers (--servers).\n")
+        return out
+    if not sq.available:
+        w(f"Not available: Squall is not available ({sq.reason}).\n")
+        return out
+    if "squall" in not_run:
+        w(f"Squall: {not_run['squall']}. The scenario will run once it does.\n")
+        return out
+    tel = TELEMETRY
+    mongo = tel.mongo.available
+    w(f"**Telemetry store**: {tel.mongo.describe()}.\n")
+    labels = {tel.kind(lbl): lbl for lbl, _ in tel.points(prof, meta["fd_cap"])}
+    full = prof.name == "full"
+
+    def cell(kind: str, srv: str) -> Cell | None:
+        return results.get((tel.key, labels[kind], srv))
+
+    def med(kind: str, srv: str, key: str) -> tuple[float, float, float] | None:
+        c = cell(kind, srv)
+        return stats([f.get(key) for f in c.figures]) if c else None
+
+    def text(kind: str, srv: str, key: str) -> str:
+        c = cell(kind, srv)
+        if c is None:
+            return "not run"
+        return _cell_text(med(kind, srv, key), c.reports)
+
+    base = by_key.get("insert_one")
+    base_note = ""
+    if base is None:
+        base_note = "not selected (--servers)"
+    elif not base.available:
+        base_note = f"not available: {base.reason}"
+    elif "insert_one" in not_run:
+        base_note = not_run["insert_one"]
+
+    w("### HTTP: `POST /api/telemetry`, frames of 10 points from 200 devices\n")
+    ramp_text = (
+        "**Ramp**: the request rate ramps as in the other scenarios (a step keeps up when at "
+        "least 95% of the offered requests could be issued, at most 1% failed and the p99 "
+        "request latency is at most 500 ms)."
+    )
+    if mongo:
+        w(
+            "Squall stores points through its batched write-behind path (a queue, then one "
+            "upsert per device bucket per batch); the baseline (`peers/telemetry_insert_one.py`) "
+            f"awaits one `insert_one` per point before it answers. {ramp_text} "
+            "**Persistence**: one step at the median max accepted rate of the ramp, "
+            f"{prof.persist_step:g} s, on a fresh server and database; the server's count of "
+            "points whose write MongoDB acknowledged (Squall: `points_written` of `/ready`; the "
+            "baseline: `/stats`) is sampled every 0.1 s until it has not moved for 1 s with "
+            f"nothing queued (at most {prof.persist_wait:g} s after the step), and the points "
+            "are counted in MongoDB before and after the step (Squall: the sum of the buckets' "
+            "`n`; the baseline: its documents). Persisted points/s = points stored / (time from "
+            "the step's start to the last increase).\n"
+        )
+        if base_note:
+            w(f"insert_one baseline: {base_note}.\n")
+    else:
+        w(
+            f"{ramp_text} No MongoDB: these are figures of Squall's in-memory telemetry store; "
+            "persistence and the insert_one baseline were not measured.\n"
+        )
+    have_base = any(cell(k, "insert_one") for k in ("ramp", "persist"))
+    target_col = full and mongo
+    head = "| figure | Squall, batched | insert_one baseline | Squall \u00f7 baseline |"
+    rule = "|---|---:|---:|---:|"
+    if not have_base:
+        head, rule = "| figure | Squall |", "|---|---:|"
+    if target_col:
+        head += " target |"
+        rule += "---|"
+    w(head)
+    w(rule)
+    targets = {("persist", "persisted"): "\u2265 20 000/s and \u2265 \u00d720 the baseline"}
+    undrained = False
+    rows = [("ramp", f) for f in tel.RAMP_FIGURES]
+    if mongo:
+        rows += [("persist", f) for f in tel.PERSIST_FIGURES]
+    for kind, fig in rows:
+        name = fig.label if fig.unit == "/s" else f"{fig.label} ({fig.unit})"
+        if kind == "persist":
+            name = f"persistence step: {name}"
+        s_st, b_st = med(kind, "squall", fig.key), med(kind, "insert_one", fig.key)
+        r = ""
+        if fig.unit == "/s" and fig.key != "offered":
+            r = ratio(s_st[0] if s_st else None, b_st[0] if b_st else None)
+        cells = [text(kind, srv, fig.key) for srv in ("squall", "insert_one")]
+        if kind == "persist" and fig.key == "persisted":
+            for i, srv in enumerate(("squall", "insert_one")):
+                c = cell(kind, srv)
+                if c and any(not (r.get("persist") or {}).get("drained", True) for r in c.reports):
+                    cells[i] += " ‡"
+                    undrained = True
+        row = (
+            f"| {name} | {cells[0]} | {cells[1]} | {r} |"
+            if have_base
+            else f"| {name} | {cells[0]} |"
+        )
+        if target_col:
+            row += f" {targets.get((kind, fig.key), '')} |"
+        w(row)
+    w("")
+    if undrained:
+        w(
+            "‡ in at least one repetition the store was still writing when the wait ended: "
+            "the figure is the points MongoDB held then over the time since the step started "
+            "(the writer was busy throughout).\n"
+        )
+    notes: list[str] = []
+    for srv in ("squall", "insert_one"):
+        title = by_key[srv].title if srv in by_key else srv
+        c = cell("ramp", srv)
+        for i, rep in enumerate(c.reports if c else []):
+            after = rep.get("store_after")
+            if after and after.get("queued"):
+                err = f"; store error: {after['error']}" if after.get("error") else ""
+                notes.append(
+                    f"{title}, ramp rep {i + 1}: {after['queued']:,} accepted points were still "
+                    f"queued, {after['written']:,} written, when the ramp ended{err}."
+                )
+        c = cell("persist", srv)
+        for i, rep in enumerate(c.reports if c else []):
+            notes.append(f"{title}, persistence rep {i + 1}: {_persist_note(rep)}")
+    for n in notes:
+        w(f"- {n}")
+    if notes:
+        w("")
+
+    ws_label = labels["ws"]
+    w(f"### {ws_label}\n")
+    d = next(size for lbl, size in tel.points(prof, meta["fd_cap"]) if lbl == ws_label)
+    w(
+        f"{d:,} device connections (device tokens) each publish a frame of one point to "
+        f"`telemetry:<device>` {prof.device_hz:g} times a second over the WebSocket and wait for "
+        "the publish reply; the point carries its send time (`bench_ts`, \u00b5s). "
+        f"{max(1, -(-d // 100))} dashboard connection(s) (tokens with a `devices` glob), at most "
+        "100 device channels each, record the time from send to receipt of every point. "
+        f"{prof.devices_step:g} s measured after a 1 s warm-up. A frame due while the previous "
+        "reply is more than one period late is skipped and counted; the step keeps up when at "
+        "least 95% of the frames were sent, at most 1% failed, 95% of the accepted points "
+        "reached the dashboards in time and p99 is at most 500 ms.\n"
+    )
+    c = cell("ws", "squall")
+    if c is None:
+        w("Not run.\n")
+        return out
+    target_ws = full and d == 1000 and prof.device_hz == 10
+    head, rule = "| figure | Squall |", "|---|---:|"
+    if target_ws:
+        head += " target |"
+        rule += "---|"
+    w(head)
+    w(rule)
+    for fig in tel.WS_FIGURES:
+        if fig.key == "stored_pct" and not mongo:
+            continue
+        name = fig.label if fig.unit == "/s" else f"{fig.label} ({fig.unit})"
+        row = f"| {name} | {text('ws', 'squall', fig.key)} |"
+        if target_ws:
+            row += " \u2264 50 ms |" if fig.key == "e2e_p99" else " |"
+        w(row)
+    w("")
+    for i, rep in enumerate(c.reports):
+        step = (rep.get("telemetry") or {}).get("step") or {}
+        pub = step.get("publish") or {}
+        line = (
+            f"- rep {i + 1}: offered {step.get('rate', 0):,.0f} frames/s, sent "
+            f"{pub.get('sent', 0):,} of {pub.get('intended', 0):,} frames "
+            f"({pub.get('skipped', 0):,} skipped, {pub.get('errors', 0):,} failed), "
+            f"server CPU {step.get('server_cpu_pct', 0):.0f}%, load generator CPU "
+            f"{step.get('loadgen_cpu_pct', 0):.0f}%"
+        )
+        if step.get("reason"):
+            line += f"; fell behind: {step['reason']}"
+        if pub.get("first_error"):
+            line += f"; first error: {pub['first_error'][:160]}"
+        if rep.get("persist"):
+            line += f"; {_persist_note(rep)}"
+        w(line + ("" if line.endswith(".") else "."))
+    w("")
+    if any(
+        r.get("_foreign_cpu", 0) > NOISY
+        for k, cl in results.items()
+        if k[0] == tel.key
+        for r in cl.reports
+    ):
+        w(
+            f"\u2020 other processes used more than {NOISY} of a core during at least one "
+            "repetition of this cell: treat it as noisy.\n"
+        )
+    return out
+
+
+def _persist_note(rep: dict[str, Any]) -> str:
+    """What reached MongoDB in one run, in words."""
+    p = rep.get("persist") or {}
+    if not p:
+        return "no persistence figures."
+    if p.get("error"):
+        return f"{p['accepted']:,} points accepted; {p['error']}."
+    stored, acc = p.get("stored"), p.get("accepted", 0)
+    lead = f"the step fell behind ({p['step_reason'][:160]}); " if p.get("step_reason") else ""
+    if not p.get("drained"):
+        text = (
+            f"{stored:,} of {acc:,} accepted points stored when the wait ended "
+            f"{p['wait_s']:g} s after the step, {p.get('queued_at_end', 0):,} still queued"
+        )
+    elif stored == acc:
+        text = f"all {acc:,} accepted points stored"
+    else:
+        text = f"{stored:,} of {acc:,} accepted points stored (**{acc - stored:,} lost**)"
+    if p.get("drain_s") is not None:
+        text += f", the last {p['drain_s']:.1f} s after the step ended"
+    if p.get("store_error"):
+        text += f"; the store reported: {p['store_error'][:200]}"
+    return lead + text + "."
+
+
 def _plot_steps(cell: Cell | None) -> list[dict[str, Any]]:
     """Steps of a cell's first repetition that delivered something."""
     if not cell or not cell.reports:
@@ -1017,6 +1830,7 @@ def plot(
     for name in PLOTS:  # a plot this run cannot draw must not survive from an older run
         (out_dir / name).unlink(missing_ok=True)
     colors = {"squall": "C0", "centrifugo": "C1", "naive": "C2", "socketio": "C3"}
+    colors["insert_one"] = "C4"
     titles = {s.key: s.title for s in servers}
 
     fan = FanOut().points(prof, fd_cap)
@@ -1157,15 +1971,21 @@ def loadavg() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Squall benchmark suite")
     ap.add_argument("--quick", action="store_true", help="small sizes, one repetition (CI smoke)")
-    ap.add_argument("--servers", default="squall,centrifugo,naive,socketio")
+    ap.add_argument("--servers", default="squall,centrifugo,naive,socketio,insert_one")
     ap.add_argument("--scenarios", default="fanout,channels,conns,telemetry")
     ap.add_argument("--reps", type=int, help="repetitions per point (default: 3, quick: 1)")
     ap.add_argument("--centrifugo", dest="centrifugo_bin", help="path of a centrifugo binary")
     ap.add_argument(
+        "--centrifugo-source",
+        default="",
+        help="where the centrifugo binary came from, printed in RESULTS.md next to its version",
+    )
+    ap.add_argument(
         "--mongodb-url",
         default=os.environ.get("SQUALL_BENCH_MONGODB_URL", ""),
         help="loopback MongoDB (or FerretDB) URL for Squall's stores, telemetry included "
-        "(default $SQUALL_BENCH_MONGODB_URL; empty: in-memory stores)",
+        "(default $SQUALL_BENCH_MONGODB_URL; empty: in-memory stores, and the telemetry "
+        "scenario starts its own FerretDB when it finds one)",
     )
     ap.add_argument("--fanout-subs", help="comma-separated S for fan-out (default 100,1000,5000)")
     ap.add_argument("--channels-conns", type=int, help="N for many channels (default 5000)")
@@ -1198,6 +2018,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wanted = args.servers.split(",")
     servers = [s for s in make_servers(args) if s.key in wanted]
+    TELEMETRY.configure(args)
     for s in servers:
         if s.key == "centrifugo":
             binary, why = find_centrifugo(args.centrifugo_bin)
@@ -1207,6 +2028,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.centrifugo_bin = binary
                 write_centrifugo_config()
                 s.version = tool_version([str(binary), "version"])
+                if args.centrifugo_source:
+                    s.version += f"; {args.centrifugo_source}"
         elif s.key == "squall" and s.available:
             s.version = "run.py of this working tree, " + _git_describe()
             if args.mongodb_url:
@@ -1217,6 +2040,8 @@ def main(argv: list[str] | None = None) -> int:
                 s.version += ", MongoDB stores"
             else:
                 s.version += ", in-memory stores"
+                if TELEMETRY.mongo.available:
+                    s.version += " (scenario 4: FerretDB, see its section)"
             ensure_squall_deps(s)
         elif s.key == "naive":
             s.version = "bench/peers/naive_tornado.py, tornado " + _dist_version("tornado")
@@ -1225,6 +2050,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"python-socketio {_dist_version('python-socketio')}, "
                 f"aiohttp {_dist_version('aiohttp')}"
             )
+        elif s.key == "insert_one":
+            s.version = (
+                "bench/peers/telemetry_insert_one.py, "
+                f"pymongo {_dist_version('pymongo')} AsyncMongoClient"
+            )
+            if not TELEMETRY.mongo.available:
+                s.available, s.reason = False, "no MongoDB (no --mongodb-url and no FerretDB)"
         if not s.available:
             say(f"{s.title}: not available: {s.reason}")
     if not any(s.available for s in servers):

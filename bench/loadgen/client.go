@@ -42,6 +42,9 @@ type target struct {
 	wsURL   string // full WebSocket URL
 	secret  string // HS256 secret for connection JWTs
 	timeout time.Duration
+	// token, when set, mints the connection token of connection idx (device and
+	// dashboard tokens); otherwise a plain user token for "bench-<idx>".
+	token func(idx int) (string, error)
 }
 
 // onPub is called from a connection's read loop for each publication.
@@ -89,6 +92,17 @@ func makeDeviceToken(secret, device string) (string, error) {
 	return jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(secret))
 }
 
+// makeDashboardToken signs a dashboard token: its "devices" claim (the
+// telemetry namespace's subscribe_claim) holds the device-id globs it may watch.
+func makeDashboardToken(secret, user string, globs []string) (string, error) {
+	claims := jwt.MapClaims{
+		"sub":     user,
+		"devices": globs,
+		"exp":     time.Now().Add(2 * time.Hour).Unix(),
+	}
+	return jwt.NewWithClaims(jwt.SigningMethodHS256, claims).SignedString([]byte(secret))
+}
+
 // dial opens one authenticated connection.
 func dial(ctx context.Context, t *target, idx int, pub onPub) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, t.timeout)
@@ -101,7 +115,12 @@ func dial(ctx context.Context, t *target, idx int, pub onPub) (*conn, error) {
 		return nil, fmt.Errorf("websocket dial: %w", err)
 	}
 	c := &conn{idx: idx, t: t, ws: ws, waits: map[uint32]chan error{}, done: make(chan struct{}), pub: pub}
-	token, err := makeToken(t.secret, "bench-"+strconv.Itoa(idx))
+	var token string
+	if t.token != nil {
+		token, err = t.token(idx)
+	} else {
+		token, err = makeToken(t.secret, "bench-"+strconv.Itoa(idx))
+	}
 	if err != nil {
 		_ = ws.Close()
 		return nil, err

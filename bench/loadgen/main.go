@@ -20,6 +20,13 @@
 //	ingest    HTTP only: telemetry frames (-points points of one of -devices
 //	          devices, device JWT) POSTed to -api at ramping rates; sustained
 //	          points/s and request latency.
+//	ingest-fixed
+//	          as ingest, but one step at -rate points/s for -measure, no ramp;
+//	          reports the step's start and end time (for persistence checks).
+//	devices   WebSocket telemetry: -devices device connections each publish
+//	          -points points to telemetry:<prefix><i> -hz times a second, and
+//	          -dashboards dashboard connections subscribed to all those
+//	          channels record ingest-to-subscriber latency.
 package main
 
 import (
@@ -40,10 +47,13 @@ import (
 
 type config struct {
 	mode, proto, wsURL, apiURL, apiKey, secret, channel, label string
-	cpuProfile                                                 string
+	cpuProfile, prefix, namespace                              string
+	dashboards                                                 int
+	hz, rate                                                   float64
+	warmup                                                     time.Duration
 	pid, subs, conns, connInflight, inflight, maxSteps, refine int
 	batch, devices, points                                     int
-	connRate, start, factor, maxDeliveries, minRatio           float64
+	connRate, start, fixed, factor, maxDeliveries, minRatio    float64
 	step, grace, measure, maxP99, settle, hold, timeout, drain time.Duration
 }
 
@@ -78,18 +88,22 @@ type report struct {
 	Capped bool           `json:"capped,omitempty"`
 	// LoadgenBound: the first step that fell behind had the load generator at
 	// 90% of its core or more, so the maximum may be the load generator's.
-	LoadgenBound bool         `json:"loadgen_bound,omitempty"`
-	At50         *stepResult  `json:"at_50pct,omitempty"`
-	At90         *stepResult  `json:"at_90pct,omitempty"`
-	Conns        *connsResult `json:"conns,omitempty"`
-	Total        int64        `json:"total_deliveries"`
-	BadPush      int64        `json:"unparsed_pushes"`
-	Seconds      float64      `json:"seconds"`
-	OK           bool         `json:"ok"`
-	Errors       []string     `json:"errors,omitempty"`
-	Go           string       `json:"go"`
-	Procs        int          `json:"gomaxprocs"`
-	Finished     string       `json:"finished"`
+	LoadgenBound bool        `json:"loadgen_bound,omitempty"`
+	At50         *stepResult `json:"at_50pct,omitempty"`
+	At90         *stepResult `json:"at_90pct,omitempty"`
+	// Fixed: the -fixed step, run before the ramp at a set publication rate.
+	Fixed *stepResult  `json:"fixed,omitempty"`
+	Conns *connsResult `json:"conns,omitempty"`
+	// Telemetry: the measured step of ingest-fixed and devices.
+	Telemetry *telemetryResult `json:"telemetry,omitempty"`
+	Total     int64            `json:"total_deliveries"`
+	BadPush   int64            `json:"unparsed_pushes"`
+	Seconds   float64          `json:"seconds"`
+	OK        bool             `json:"ok"`
+	Errors    []string         `json:"errors,omitempty"`
+	Go        string           `json:"go"`
+	Procs     int              `json:"gomaxprocs"`
+	Finished  string           `json:"finished"`
 }
 
 type connsResult struct {
@@ -108,7 +122,7 @@ type connsResult struct {
 
 func main() {
 	var c config
-	flag.StringVar(&c.mode, "mode", "fanout", "fanout | channels | conns | ingest")
+	flag.StringVar(&c.mode, "mode", "fanout", "fanout | channels | conns | ingest | ingest-fixed | devices")
 	flag.StringVar(&c.proto, "proto", protoCentrifugo, "centrifugo | socketio")
 	flag.StringVar(&c.wsURL, "ws", "ws://127.0.0.1:8000/connection/websocket", "WebSocket URL")
 	flag.StringVar(&c.apiURL, "api", "http://127.0.0.1:8000/api/publish", "HTTP publish (or ingest) URL")
@@ -123,8 +137,15 @@ func main() {
 	flag.IntVar(&c.connInflight, "conn-inflight", 100, "handshakes outstanding at once")
 	flag.IntVar(&c.batch, "batch", 20, "channels: own channels per broadcast request (1: publish requests)")
 	flag.IntVar(&c.devices, "devices", 200, "ingest: devices taking turns (one token each)")
-	flag.IntVar(&c.points, "points", 10, "ingest: telemetry points per request")
+	flag.IntVar(&c.points, "points", 10, "ingest, devices: telemetry points per request (frame)")
+	flag.StringVar(&c.prefix, "prefix", "bench-dev-", "ingest, devices: device ids are <prefix><i>")
+	flag.StringVar(&c.namespace, "namespace", "telemetry", "devices: telemetry namespace (channel <namespace>:<device>)")
+	flag.Float64Var(&c.hz, "hz", 10, "devices: frames per second per device")
+	flag.IntVar(&c.dashboards, "dashboards", 1, "devices: dashboard connections (the devices are split among them)")
+	flag.DurationVar(&c.warmup, "warmup", time.Second, "devices: publishing before the measured step (0: none)")
+	flag.Float64Var(&c.rate, "rate", 0, "ingest-fixed: points per second")
 	flag.IntVar(&c.inflight, "inflight", 32, "HTTP publish requests outstanding at once")
+	flag.Float64Var(&c.fixed, "fixed", 0, "fanout: first publish this many publications/s for -measure (0: skip)")
 	flag.Float64Var(&c.start, "start", 0, "first step: deliveries/s (fanout, channels) or points/s (ingest)")
 	flag.Float64Var(&c.factor, "factor", 2, "rate multiplier between ramp steps")
 	flag.IntVar(&c.refine, "refine", 2, "bisection steps between the last good and first bad rate")
@@ -174,6 +195,10 @@ func main() {
 		runRamp(ctx, &c, rep, true)
 	case "ingest":
 		runRamp(ctx, &c, rep, false)
+	case "ingest-fixed":
+		runIngestFixed(ctx, &c, rep)
+	case "devices":
+		runDevices(ctx, &c, rep)
 	case "conns":
 		runConns(ctx, &c, rep)
 	default:
@@ -270,7 +295,7 @@ func runRamp(ctx context.Context, c *config, rep *report, ws bool) {
 	}
 	pub := newPublisher(c.apiURL, c.apiKey, c.inflight)
 	if !ws {
-		in, err := newIngest(c.secret, c.devices, c.points)
+		in, err := newIngest(c.secret, c.prefix, c.devices, c.points)
 		if err != nil {
 			rep.Errors = append(rep.Errors, "device tokens: "+err.Error())
 			return
@@ -334,19 +359,7 @@ func runRamp(ctx context.Context, c *config, rep *report, ws bool) {
 		r.OK, r.Reason = judge(c, &r, ws)
 		// Let the server drain before the next step so one step's backlog does
 		// not load the next; late deliveries still count against this step.
-		quiet := 0
-		last := rec.total.Load()
-		deadline := time.Now().Add(c.drain)
-		for quiet < 3 && time.Now().Before(deadline) && ctx.Err() == nil {
-			time.Sleep(100 * time.Millisecond)
-			cur := rec.total.Load()
-			if cur == last {
-				quiet++
-			} else {
-				quiet = 0
-			}
-			last = cur
-		}
+		waitQuiet(ctx, rec, c.drain)
 		r.Late = st.late.Load()
 		logf("%-10s rate=%-9.1f offered=%-10.0f delivered/s=%-10.0f ratio=%.3f p50=%.1fms p99=%.1fms srv=%.0f%% lg=%.0f%% ok=%v %s",
 			phase, rate, nominal(rate), r.DeliveriesPerSec, r.Ratio, r.Latency.P50, r.Latency.P99,
@@ -355,6 +368,10 @@ func runRamp(ctx context.Context, c *config, rep *report, ws bool) {
 		return r
 	}
 
+	if c.fixed > 0 && c.mode == "fanout" && ctx.Err() == nil {
+		f := run("fixed", c.fixed, c.measure)
+		rep.Fixed = &f
+	}
 	var good, bad *stepResult
 	rate := c.start
 	for i := 0; i < c.maxSteps && ctx.Err() == nil; i++ {
@@ -417,6 +434,22 @@ func runRamp(ctx context.Context, c *config, rep *report, ws bool) {
 	rep.OK = (ws && rep.Open != nil && rep.Open.Opened > 0 && rep.Total > 0) || (!ws && good != nil)
 	if ctx.Err() != nil {
 		rep.Errors = append(rep.Errors, "run timed out")
+	}
+}
+
+// waitQuiet returns once no delivery has arrived for 0.3 s, or after drain.
+func waitQuiet(ctx context.Context, rec *recorder, drain time.Duration) {
+	quiet, last := 0, rec.total.Load()
+	deadline := time.Now().Add(drain)
+	for quiet < 3 && time.Now().Before(deadline) && ctx.Err() == nil {
+		time.Sleep(100 * time.Millisecond)
+		cur := rec.total.Load()
+		if cur == last {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		last = cur
 	}
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"sync"
 	"sync/atomic"
@@ -16,6 +17,9 @@ type pool struct {
 	channels func(i int) []string
 	rate     float64 // connection attempts per second
 	inflight int     // handshakes outstanding at once
+	// points: pushes are telemetry publications, {"points": [...]}, whose
+	// points each carry bench_ts in microseconds; every point is one delivery.
+	points bool
 
 	mu    sync.Mutex
 	conns []*conn
@@ -33,12 +37,43 @@ type openResult struct {
 }
 
 func (p *pool) onPub(c *conn, line []byte) {
+	if p.points {
+		p.onPoints(c, line)
+		return
+	}
 	ts, st, ok := parseBench(line)
 	if !ok {
 		p.rec.bad.Add(1)
 		return
 	}
 	p.rec.record(st, ts, c.idx)
+}
+
+// onPoints records every point of a telemetry publication. Squall stores
+// metric values as doubles, so bench_ts (µs) comes back as e.g.
+// 1717000000123456.0: exact below 2^53, and intAfter stops at the '.'.
+func (p *pool) onPoints(c *conn, line []byte) {
+	key := []byte(`"bench_ts"`)
+	n := 0
+	for i := bytes.Index(line, key); i >= 0; {
+		rest := line[i:]
+		us, ok1 := intAfter(rest, key)
+		st, ok2 := intAfter(rest, []byte(`"bench_step"`))
+		if !ok1 || !ok2 {
+			p.rec.bad.Add(1)
+			return
+		}
+		p.rec.record(int(st), us*1000, c.idx)
+		n++
+		j := bytes.Index(rest[len(key):], key)
+		if j < 0 {
+			break
+		}
+		i += len(key) + j
+	}
+	if n == 0 {
+		p.rec.bad.Add(1)
+	}
 }
 
 // open dials every index in idxs at the pool's bounded rate.

@@ -42,10 +42,10 @@ type ingest struct {
 	lastTS []int64 // per device, the last ts handed out (ms)
 }
 
-func newIngest(secret string, devices, points int) (*ingest, error) {
+func newIngest(secret, prefix string, devices, points int) (*ingest, error) {
 	in := &ingest{points: points, tokens: make([]string, devices), lastTS: make([]int64, devices)}
 	for i := range in.tokens {
-		tok, err := makeDeviceToken(secret, "bench-dev-"+strconv.Itoa(i))
+		tok, err := makeDeviceToken(secret, prefix+strconv.Itoa(i))
 		if err != nil {
 			return nil, err
 		}
