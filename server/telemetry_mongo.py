@@ -29,7 +29,8 @@ Write path
     flusher task takes up to ``telemetry.batch_size`` points once that many
     wait or the oldest has waited ``telemetry.flush_interval`` (stopping
     before a point that would make more than ``telemetry.max_bucket_updates``
-    buckets), groups them by bucket and sends one upsert per bucket::
+    buckets), groups them by bucket and sends one upsert per bucket (and as
+    many device upserts at most, devices taking turns)::
 
         q: {_id: <bucket id>, ts: {$nin: [<the group's ts>]}}
         u: {$push: {ts: {$each}, p: {$each}}, $inc: {n, s.<k>.sum, s.<k>.n},
@@ -454,7 +455,10 @@ class MongoTelemetryStore:
                 group = groups[(item.device, b)] = _Group(item.device, b, [])
             group.points.append(item.point)
             batch.append(item)
-        devices = {d: c.version for d, c in self._devices.items() if c.version != c.written}
+        # Device documents are bounded the same way; written ones move to the end
+        # of the cache (below), so under sustained ingest every device takes turns.
+        dirty = ((d, c.version) for d, c in self._devices.items() if c.version != c.written)
+        devices = dict(itertools.islice(dirty, self._max_groups))
         started = time.monotonic()
         if groups:
             await self._write_buckets(list(groups.values()))
@@ -469,9 +473,10 @@ class MongoTelemetryStore:
                 if not waiting:
                     del self._pending[item.device]
         for name, version in devices.items():
-            cache = self._devices.get(name)
+            cache = self._devices.pop(name, None)
             if cache is not None:
                 cache.written = version
+                self._devices[name] = cache
         self._written += len(batch)
         self._last_latency = latency
         if not self._queue and not self._dirty_devices():

@@ -297,7 +297,7 @@ async def test_mongo_close_flushes_and_a_new_store_reads_everything_back(
 async def test_mongo_bounds_bucket_updates_per_write_and_halves_them_after_a_timeout(
     mongo_url, unique_prefix
 ):
-    """A write command carries at most ``max_bucket_updates`` bucket updates; after a
+    """A write command carries at most ``max_bucket_updates`` bucket (or device) updates; after a
     write times out (the server may still be applying it) the store sends half as many,
     then grows back, and every point still ends up stored exactly once."""
     from pymongo.errors import NetworkTimeout
@@ -307,10 +307,13 @@ async def test_mongo_bounds_bucket_updates_per_write_and_halves_them_after_a_tim
     store = make_store("mongo-pymongo", mongo_url, unique_prefix, cfg)
     assert isinstance(store, MongoTelemetryStore)
     sizes: list[int] = []
+    device_sizes: list[int] = []
     real_update = store._update
     timeouts = [1]  # the first bucket write times out once
 
     async def observed(collection: str, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if collection == cfg.devices_collection:
+            device_sizes.append(len(updates))
         if collection == cfg.collection:
             sizes.append(len(updates))
             if timeouts:
@@ -330,6 +333,9 @@ async def test_mongo_bounds_bucket_updates_per_write_and_halves_them_after_a_tim
     assert sizes[1] == 2  # halved after the timeout
     assert max(sizes) <= 4
     assert sizes[-1] > 2  # grown back after successful writes
+    assert max(device_sizes) <= 4  # device documents are bounded the same way
     buckets = await stored(mongo_url, unique_prefix, cfg.collection)
     assert len(buckets) == 20
     assert sorted(b["n"] for b in buckets) == [2] * 20  # every point once, none lost
+    devices = await stored(mongo_url, unique_prefix, cfg.devices_collection)
+    assert sorted(d["_id"] for d in devices) == sorted(f"d{d}" for d in range(10))
