@@ -719,7 +719,7 @@ class Conns(Scenario):
 # ---------------------------------------------------------------- telemetry store
 
 FERRETDB_CPU = 1  # FerretDB shares the load generator's CPU: CPU 0 stays the server's alone
-BUCKETS = "telemetry_buckets"  # Squall's telemetry.collection (default; squall-bench.yaml keeps it)
+POINTS = "telemetry_points"  # Squall's telemetry.points_collection (default; the yaml keeps it)
 BASELINE_POINTS = "points"  # the insert_one peer's collection
 
 
@@ -872,12 +872,10 @@ def drop_database(url: str, name: str) -> None:
 
 
 def stored_points(url: str, db: str, server_key: str) -> int:
-    """Points stored in MongoDB: documents of the baseline, ``n`` of Squall's buckets."""
+    """Points stored in MongoDB: documents of the baseline's and of Squall's point collection."""
+    collection = BASELINE_POINTS if server_key == "insert_one" else POINTS
     with mongo_client(url) as client:
-        if server_key == "insert_one":
-            return int(client[db][BASELINE_POINTS].count_documents({}))
-        docs = client[db][BUCKETS].find({}, {"n": 1, "_id": 0})
-        return sum(int(d.get("n", 0)) for d in docs)
+        return int(client[db][collection].count_documents({}))
 
 
 def written_counter(run: Running) -> tuple[int, int, str] | None:
@@ -1632,16 +1630,17 @@ def render_telemetry(
     if mongo:
         w(
             "Squall stores points through its batched write-behind path (a queue, then one "
-            "upsert per device bucket per batch); the baseline (`peers/telemetry_insert_one.py`) "
+            "unordered insert of up to `telemetry.batch_size` point documents); the baseline "
+            "(`peers/telemetry_insert_one.py`) "
             f"awaits one `insert_one` per point before it answers. {ramp_text} "
             "**Persistence**: one step at the median max accepted rate of the ramp, "
             f"{prof.persist_step:g} s, on a fresh server and database; the server's count of "
             "points whose write MongoDB acknowledged (Squall: `points_written` of `/ready`; the "
             "baseline: `/stats`) is sampled every 0.1 s until it has not moved for 1 s with "
             f"nothing queued (at most {prof.persist_wait:g} s after the step), and the points "
-            "are counted in MongoDB before and after the step (Squall: the sum of the buckets' "
-            "`n`; the baseline: its documents). Persisted points/s = points stored / (time from "
-            "the step's start to the last increase).\n"
+            "are counted in MongoDB before and after the step (the documents of Squall's "
+            "`telemetry_points` and of the baseline's `points`). Persisted points/s = points "
+            "stored / (time from the step's start to the last increase).\n"
         )
         if base_note:
             w(f"insert_one baseline: {base_note}.\n")

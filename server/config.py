@@ -176,11 +176,13 @@ class TelemetryConfig:
     retention_interval: float = 60.0  # seconds between retention passes
     online_timeout: float = 30.0  # seconds since last_seen within which a device is "online"
     max_query_steps: int = 2000  # steps one telemetry query may return; more -> 400
-    collection: str = "telemetry_buckets"  # MongoDB collection of buckets
+    points_collection: str = "telemetry_points"  # MongoDB collection of points (one per point)
+    collection: str = "telemetry_buckets"  # MongoDB collection of bucket summaries
     devices_collection: str = "devices"  # MongoDB collection of devices (last seen/values)
     queue_size: int = 100_000  # points accepted but not yet written; full -> error 1001 / 503
-    batch_size: int = 2000  # points per bulk write (grouped into one update per bucket)
-    max_bucket_updates: int = 200  # bucket updates in one write command (fewer after a timeout)
+    batch_size: int = 2000  # points per insert (fewer after a write timed out)
+    max_device_updates: int = 200  # device upserts per write (fewer after a write timed out)
+    device_write_interval: float = 5.0  # seconds between writes of one device's document; 0 = each
     flush_interval: float = 0.2  # seconds a partial batch waits for more before being written
 
 
@@ -498,13 +500,26 @@ def _check_telemetry(t: TelemetryConfig) -> None:
         "telemetry.max_query_steps": t.max_query_steps,
         "telemetry.queue_size": t.queue_size,
         "telemetry.batch_size": t.batch_size,
-        "telemetry.max_bucket_updates": t.max_bucket_updates,
+        "telemetry.max_device_updates": t.max_device_updates,
     }
     require_positive(positive)
+    if t.device_write_interval < 0:
+        raise ConfigError(
+            f"telemetry.device_write_interval: must be >= 0, got {t.device_write_interval}"
+        )
     if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):
         raise ConfigError(
             f"telemetry.bucket_seconds: must be whole milliseconds, got {t.bucket_seconds}"
         )
-    for key, name in (("collection", t.collection), ("devices_collection", t.devices_collection)):
+    names = {
+        "points_collection": t.points_collection,
+        "collection": t.collection,
+        "devices_collection": t.devices_collection,
+    }
+    for key, name in names.items():
         if not name:
             raise ConfigError(f"telemetry.{key}: must not be empty")
+    if len(set(names.values())) < len(names):
+        raise ConfigError(
+            "telemetry.points_collection, collection and devices_collection must differ"
+        )

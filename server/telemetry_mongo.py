@@ -1,16 +1,19 @@
-"""``MongoTelemetryStore``: telemetry buckets in MongoDB (or FerretDB v1), written behind.
+"""``MongoTelemetryStore``: telemetry in MongoDB (or FerretDB v1), written behind, insert-only.
 
 Reuses ``store_mongo``'s driver adapter (``AsyncMongoClient`` by default, Motor
 with ``mongodb.driver: motor``), backoff and URL redaction; it opens its own
 client (connection pool) from the same ``mongodb`` settings.
 
 Documents
-    Collection ``telemetry.collection``, one per device per bucket::
+    Collection ``telemetry.points_collection``, one per point, the source of truth::
+
+        {_id: "<device>/<ts>", d: str, t: int64, v: {<metric key>: double}}
+
+    Collection ``telemetry.collection``, one *summary* per device per bucket,
+    written once the bucket is closed (see Sealing)::
 
         {_id: "<device>/<bucket start ms>", device: str, start: int64, end: int64,
          n: int,                                   # points in the bucket
-         ts: [int64, ...],                         # every point's ts (for idempotency)
-         p: [{t: int64, v: {<metric key>: double}}, ...],
          s: {<metric key>: {min: double, max: double, sum: double, n: int}}}
 
     Collection ``telemetry.devices_collection``::
@@ -20,62 +23,72 @@ Documents
     Metric names may contain ``.``, which field names may not (FerretDB
     refuses them); a *metric key* is the name with ``.`` written as ``:``
     (a character metric names cannot contain, so the mapping is reversible).
-    Bucket ids end with ``/<digits>``: splitting at the last ``/`` gives the
-    device back, whatever characters the device id has.
+    Ids end with ``/<digits>``: splitting at the last ``/`` gives the device
+    back, whatever characters the device id has.
+
+Why insert-only
+    Every point is one insert, and the ``_id`` makes it exactly-once: a point
+    sent again (a device retrying a frame, a batch re-sent after a lost
+    acknowledgement, another node) is a duplicate key, which means "already
+    stored". Inserts are what every MongoDB-compatible server does fast: on
+    FerretDB v1 (SQLite) an update or a delete by ``_id`` costs time in
+    proportion to the collection's size (about 20 ms at 2 000 documents) while
+    an insert costs about 40 µs per document, so the earlier layout (one
+    read-modify-write upsert per bucket per flush) persisted about 60 points/s
+    there. On MongoDB the point documents are larger than points packed in a
+    bucket, the price of writes that never read.
 
 Write path
     ``add`` queues points (bounded by ``telemetry.queue_size`` points;
     ``StoreFullError`` beyond) and updates an in-memory device cache. One
     flusher task takes up to ``telemetry.batch_size`` points once that many
-    wait or the oldest has waited ``telemetry.flush_interval`` (stopping
-    before a point that would make more than ``telemetry.max_bucket_updates``
-    buckets), groups them by bucket and sends one upsert per bucket (and as
-    many device upserts at most, devices taking turns)::
+    wait or the oldest has waited ``telemetry.flush_interval`` and inserts them
+    unordered (both servers go on after a duplicate and report every error).
+    Duplicates count as stored; a point the server refuses outright is dropped
+    and logged at ERROR, as in ``MongoStore``. Any other failure keeps the batch
+    queued, marks the store not ready and retries with capped, jittered
+    backoff. A write that times out may still be running on the server, and the
+    same amount of work would time out again: batches (and device updates per
+    write) shrink by half, and grow back by a quarter after each write that
+    succeeds.
 
-        q: {_id: <bucket id>, ts: {$nin: [<the group's ts>]}}
-        u: {$push: {ts: {$each}, p: {$each}}, $inc: {n, s.<k>.sum, s.<k>.n},
-            $min: {s.<k>.min}, $max: {s.<k>.max}, $setOnInsert: {device, start, end}}
+    Device documents are upserted (``$max`` of ``last_seen``, ``$set`` of the
+    last values merged per metric by ``ts`` in the cache; the first time this
+    process writes a device it reads the stored document and merges it in), at
+    most every ``telemetry.device_write_interval`` per device and
+    ``telemetry.max_device_updates`` per write, devices taking turns. Two nodes
+    ingesting for the same device at the same time may briefly overwrite each
+    other's last values; points and summaries are exact.
 
-    The update applies only when none of the group's ``ts`` is in the bucket
-    yet; when one is (a retried frame, or a batch re-sent after a lost
-    acknowledgement) the filter matches nothing, the upsert's insert hits the
-    existing ``_id`` and the server answers duplicate key. A duplicate on a
-    one-point update means "already stored"; on a larger group the group is
-    re-sent point by point. Points and summaries therefore change together
-    (one single-document update) and exactly once per ``(device, ts)``.
-
-    Updates go out as raw ``update`` commands with ``ordered: true``:
-    FerretDB v1 stops an unordered batch at its first error too, and its
-    reply then lacks ``nModified``, which PyMongo's ``bulk_write`` cannot
-    merge (KeyError). With ordered batches both servers behave alike: the
-    writes before the first error are applied, the rest are sent again.
-    Any other failure keeps the batch queued, marks the store not ready and
-    retries with capped, jittered backoff. A write that times out may still be
-    running on the server, and the same amount of work would time out again:
-    the number of bucket updates per write is halved (down to one), and grows
-    back by a quarter after each write that succeeds. A bucket update the server refuses
-    outright (not a duplicate) is dropped and logged at ERROR, as in
-    ``MongoStore``.
-
-    Device documents: ``last_seen`` via ``$max``; last values are merged per
-    metric by ``ts`` in the cache (the first time this process writes a
-    device it reads the stored document and merges it in), then written
-    with ``$set``. Two nodes ingesting for the same device at the same time
-    may briefly overwrite each other's last values; the buckets are exact.
+Sealing
+    A bucket can receive points (on time) until ``max_skew`` after its end: the
+    hub refuses older ones. ``SEAL_GRACE`` later, the node that wrote points
+    into it reads the bucket's points back and writes its summary: an insert,
+    or, when a summary is there already, a replace only if it counts fewer
+    points (points are never removed but by retention, so more is newer; two
+    nodes sealing the same bucket end with the complete summary). Points that
+    reach the server later than that (queued through an outage) first delete
+    the bucket's summary, then are inserted, and the bucket is sealed again.
+    Sealing is an optimisation: a bucket without a summary is answered from
+    its points. Buckets a node wrote but could not seal before it stopped stay
+    that way (exact, slower to query).
 
 Read path
     ``query`` reads the per-metric summaries of the buckets in range
-    (projection ``s.<key>``) and, for buckets not wholly inside one step, or
-    holding points still queued, their points (projection ``p.t``,
-    ``p.v.<key>``), merging queued points by ``ts`` so nothing is counted
-    twice. ``devices`` merges the collection with the cache.
+    (projection ``s.<key>``) and uses those of buckets wholly inside one step
+    with no points still queued here; for every other stretch of the range it
+    reads the points (projection ``t``, ``v.<key>``) and merges the queued ones
+    by ``ts``, so nothing is counted twice. ``devices`` merges the collection
+    with the cache.
 
 Retention
-    A background pass every ``telemetry.retention_interval`` deletes buckets
-    whose ``end`` is older than ``retention_days`` and devices not seen for
-    that long (no TTL indexes: FerretDB v1 has none). On FerretDB v1 only
-    ``_id`` equality is pushed down to SQLite, so range queries and retention
-    scan the collection; the indexes serve MongoDB.
+    A background pass every ``telemetry.retention_interval`` deletes the points
+    and summaries of buckets whose end is older than ``retention_days``, and
+    devices not seen for that long (no TTL indexes: FerretDB v1 has none), in
+    chunks of ``RETAIN_CHUNK`` ids (FerretDB v1 fails one command deleting more
+    than about 32 000 documents). On FerretDB v1 only ``_id`` equality is pushed
+    down to SQLite, so range queries, sealing and retention scan a collection;
+    the indexes serve MongoDB.
 """
 
 from __future__ import annotations
@@ -108,9 +121,15 @@ from server.telemetry_store import (
 
 log = logging.getLogger("squall.telemetry.mongo")
 
+POINT_INDEX: Final = "device_ts"
+POINT_TS_INDEX: Final = "ts"
 BUCKET_INDEX: Final = "device_start"
 END_INDEX: Final = "end"
 SEEN_INDEX: Final = "last_seen"
+SEAL_GRACE: Final = 60.0  # seconds after a bucket stops taking points (end + max_skew) to seal it
+MAX_UNSEALED: Final = 100_000  # buckets remembered for sealing; the oldest are forgotten beyond
+RETAIN_CHUNK: Final = 1000  # ids per retention delete
+MIN_WRITE_FACTOR: Final = 1 / 1024  # smallest share of batch_size/max_device_updates per write
 
 
 def metric_key(metric: str) -> str:
@@ -126,6 +145,10 @@ def bucket_id(device: str, start: int) -> str:
     return f"{device}/{start}"
 
 
+def point_id(device: str, ts: int) -> str:
+    return f"{device}/{ts}"
+
+
 @dataclass(slots=True)
 class _Pending:
     device: str
@@ -137,8 +160,9 @@ class _Pending:
 class _DeviceCache:
     last_seen: int = 0
     last: dict[str, tuple[int, float]] = field(default_factory=dict)  # metric -> (ts, value)
-    version: int = 0  # bumped on every change; flushed when != written
+    version: int = 0  # bumped on every change; written when != written
     written: int = 0
+    written_at: float = float("-inf")  # time.monotonic() of the last write
     synced: bool = False  # the stored document was merged in
 
     def note(self, point: Point) -> None:
@@ -148,15 +172,8 @@ class _DeviceCache:
                 self.last[metric] = (point.ts, value)
 
 
-@dataclass(slots=True)
-class _Group:
-    device: str
-    start: int
-    points: list[Point]
-
-
 class MongoTelemetryStore:
-    """Write-behind ``TelemetryStore`` over MongoDB or FerretDB; see the module docstring."""
+    """Write-behind, insert-only ``TelemetryStore`` over MongoDB or FerretDB (module docstring)."""
 
     def __init__(self, mongo: MongoConfig, cfg: TelemetryConfig) -> None:
         if not mongo.url:
@@ -164,10 +181,14 @@ class MongoTelemetryStore:
         self._mongo = mongo
         self._cfg = cfg
         self._bucket_ms = int(cfg.bucket_seconds * 1000)
+        self._seal_delay_ms = int((cfg.max_skew + SEAL_GRACE) * 1000)
         self._client: _Client | None = None
         self._queue: deque[_Pending] = deque()
         self._pending: dict[str, dict[int, _Pending]] = {}  # device -> ts -> queued item
         self._devices: dict[str, _DeviceCache] = {}
+        # (device, bucket start) written here, not sealed yet -> a mark that changes on every write
+        self._unsealed: dict[tuple[str, int], int] = {}
+        self._marks = itertools.count(1)
         self._wakeup = asyncio.Event()
         self._batch_ready = asyncio.Event()
         self._drained = asyncio.Event()
@@ -179,12 +200,13 @@ class MongoTelemetryStore:
         self._last_latency = 0.0
         self._written = 0
         self._rejected = 0
-        self._max_groups = cfg.max_bucket_updates  # halved after a timeout, then regrown
+        self._sealed = 0
+        self._factor = 1.0  # share of the write limits in use: halved after a timeout, regrown
 
     # -- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, create indexes and start the flusher and retention tasks.
+        """Connect, create indexes and start the flusher, sealing and retention tasks.
 
         Raises:
             EngineError: the server cannot be reached or refused an index.
@@ -193,7 +215,9 @@ class MongoTelemetryStore:
             return
         self._client = _Client(self._mongo)
         try:
-            buckets, devices = self._colls()
+            points, buckets, devices = self._colls()
+            await points.create_index([("d", 1), ("t", 1)], name=POINT_INDEX)
+            await points.create_index([("t", 1)], name=POINT_TS_INDEX)
             await buckets.create_index([("device", 1), ("start", 1)], name=BUCKET_INDEX)
             await buckets.create_index([("end", 1)], name=END_INDEX)
             await devices.create_index([("last_seen", 1)], name=SEEN_INDEX)
@@ -204,16 +228,20 @@ class MongoTelemetryStore:
             raise EngineError(f"telemetry store: cannot create indexes: {reason}") from None
         self._started = True
         self._mark_up()
-        self._tasks = [asyncio.create_task(self._flush_forever(), name="squall-telemetry-flusher")]
+        self._tasks = [
+            asyncio.create_task(self._flush_forever(), name="squall-telemetry-flusher"),
+            asyncio.create_task(self._seal_forever(), name="squall-telemetry-sealer"),
+        ]
         if self._cfg.retention_days > 0:
             self._tasks.append(
                 asyncio.create_task(self._retention_forever(), name="squall-telemetry-retention")
             )
         log.info(
-            "telemetry store started driver=%s hosts=%s database=%s collections=%s,%s",
+            "telemetry store started driver=%s hosts=%s database=%s collections=%s,%s,%s",
             self._mongo.driver,
             _hosts(self._mongo.url),
             self._mongo.database,
+            self._cfg.points_collection,
             self._cfg.collection,
             self._cfg.devices_collection,
         )
@@ -288,55 +316,61 @@ class MongoTelemetryStore:
         key = metric_key(metric)
         ds = Downsampler(start, end, step, self._bucket_ms)
         # Snapshot the queue before any await: a point leaving it meanwhile was
-        # written first, so the query or the snapshot has it (merged by ts).
-        queued: dict[int, list[tuple[int, float]]] = {}
+        # written first, so the points read or the snapshot have it (merged by ts).
+        queued: dict[int, float] = {}
+        queued_buckets: set[int] = set()
         for ts, item in self._pending.get(device, {}).items():
-            b = bucket_start(ts, self._bucket_ms)
             value = item.point.values.get(metric)
-            if first <= b <= last and value is not None:
-                queued.setdefault(b, []).append((ts, value))
-        buckets, _ = self._colls()
-        in_range = {"device": device, "start": {"$gte": first, "$lte": last}}
+            if start <= ts < end and value is not None:
+                queued[ts] = value
+                queued_buckets.add(bucket_start(ts, self._bucket_ms))
+        points, buckets, _ = self._colls()
         docs = await self._run(
             buckets.find(
-                {**in_range, f"s.{key}": {"$exists": True}}, {"_id": 0, "start": 1, f"s.{key}": 1}
+                {"device": device, "start": {"$gte": first, "$lte": last}},
+                {"_id": 0, "start": 1, f"s.{key}": 1},
             ).to_list(None)
         )
-        slow: set[int] = set(queued)
+        summarized: list[int] = []
         for doc in docs:
             b = int(doc["start"])
-            s = doc["s"][key]
-            if ds.whole(b) and b not in queued:
+            if b in queued_buckets or not ds.whole(b):
+                continue
+            s = (doc.get("s") or {}).get(key)
+            if s is not None:  # else: sealed without this metric
                 stats = MetricStats(float(s["min"]), float(s["max"]), float(s["sum"]), int(s["n"]))
                 ds.add_stats(b, stats)
-            else:
-                slow.add(b)
-        if slow:
+            summarized.append(b)
+        # Every stretch of [start, end) not covered by a summary is read point by point.
+        stretches: list[tuple[int, int]] = []
+        lo = start
+        for b in sorted(summarized):
+            if b > lo:
+                stretches.append((lo, b))
+            lo = max(lo, b + self._bucket_ms)
+        if lo < end:
+            stretches.append((lo, end))
+        stored: set[int] = set()
+        for lo, hi in stretches:
             found = await self._run(
-                buckets.find(
-                    {"device": device, "start": {"$in": sorted(slow)}},
-                    {"_id": 0, "start": 1, "p.t": 1, f"p.v.{key}": 1},
+                points.find(
+                    {"d": device, "t": {"$gte": lo, "$lt": hi}}, {"_id": 0, "t": 1, f"v.{key}": 1}
                 ).to_list(None)
             )
-            for doc in found:
-                b = int(doc["start"])
-                stored: set[int] = set()
-                for p in doc.get("p", ()):
-                    ts = int(p["t"])
-                    stored.add(ts)
-                    value = p.get("v", {}).get(key)
-                    if value is not None:
-                        ds.add_value(ts, float(value))
-                for ts, value in queued.pop(b, ()):
-                    if ts not in stored:
-                        ds.add_value(ts, value)
-            for pts in queued.values():  # buckets not written at all yet
-                ds.add_points(pts)
+            for p in found:
+                ts = int(p["t"])
+                stored.add(ts)
+                value = (p.get("v") or {}).get(key)
+                if value is not None:
+                    ds.add_value(ts, float(value))
+        for ts, value in queued.items():
+            if ts not in stored:
+                ds.add_value(ts, value)
         return ds.result()
 
     async def devices(self) -> list[DeviceState]:
         cached = {d: (c.last_seen, dict(c.last)) for d, c in self._devices.items()}
-        _, devices = self._colls()
+        _, _, devices = self._colls()
         docs = await self._run(devices.find({}, {"last_seen": 1, "last": 1}).to_list(None))
         merged: dict[str, tuple[int, dict[str, tuple[int, float]]]] = {}
         for doc in docs:
@@ -361,13 +395,48 @@ class MongoTelemetryStore:
         cutoff = retention_cutoff(now, self._cfg.retention_days)
         if cutoff is None:
             return 0
-        buckets, devices = self._colls()
-        result = await self._run(buckets.delete_many({"end": {"$lte": cutoff}}))
-        await self._run(devices.delete_many({"last_seen": {"$lte": cutoff}}))
+        # A bucket has expired when it ends at or before the cutoff, that is when
+        # it starts before the bucket holding the cutoff.
+        first_kept = bucket_start(cutoff, self._bucket_ms)
+        points, buckets, devices = self._colls()
+        gone: set[str] = set()
+        for pid in await self._delete_chunked(points, {"t": {"$lt": first_kept}}):
+            device, _, ts = str(pid).rpartition("/")
+            gone.add(bucket_id(device, bucket_start(int(ts), self._bucket_ms)))
+        gone.update(map(str, await self._delete_chunked(buckets, {"end": {"$lte": cutoff}})))
+        await self._delete_chunked(devices, {"last_seen": {"$lte": cutoff}})
+        for key in [k for k in self._unsealed if k[1] < first_kept]:
+            del self._unsealed[key]
         for name in [n for n, c in self._devices.items() if c.last_seen <= cutoff]:
             if name not in self._pending:
                 del self._devices[name]
-        return int(result.deleted_count)
+        return len(gone)
+
+    async def seal(self, now: int) -> int:
+        """Write the summaries of the buckets this store wrote that closed before ``now`` (ms).
+
+        A bucket is closed ``max_skew + SEAL_GRACE`` after its end; one with
+        points still queued here waits. Returns the number of buckets sealed.
+        Runs by itself every ``min(bucket_seconds, 10)`` seconds; public so
+        tests can drive it.
+
+        Raises:
+            EngineError: the server could not be read or written.
+        """
+        closed = now - self._seal_delay_ms
+        done = 0
+        for key, mark in list(self._unsealed.items()):
+            device, b = key
+            if b + self._bucket_ms > closed or self._has_queued(device, b):
+                continue
+            summary = await self._summarize(device, b)
+            if summary is not None:
+                await self._put_summary(summary)
+                done += 1
+            if self._unsealed.get(key) == mark:  # not written again meanwhile
+                del self._unsealed[key]
+        self._sealed += done
+        return done
 
     def status(self) -> StoreStatus:
         return StoreStatus(
@@ -376,31 +445,57 @@ class MongoTelemetryStore:
             queue_limit=self._cfg.queue_size,
             last_write_latency=self._last_latency,
             error="" if self._avail.ready else self._avail.error,
-            extra={"points_written": self._written, "points_refused": self._rejected},
+            extra={
+                "points_written": self._written,
+                "points_refused": self._rejected,
+                "buckets_sealed": self._sealed,
+                "buckets_unsealed": len(self._unsealed),
+            },
         )
 
     # -- internals -------------------------------------------------------------
 
-    def _colls(self) -> tuple[Any, Any]:
+    def _colls(self) -> tuple[Any, Any, Any]:
         if self._client is None:
             raise EngineError("telemetry store is not running")
         db = self._client.db
-        return db[self._cfg.collection], db[self._cfg.devices_collection]
+        cfg = self._cfg
+        return db[cfg.points_collection], db[cfg.collection], db[cfg.devices_collection]
 
     def _dirty_devices(self) -> list[str]:
         return [d for d, c in self._devices.items() if c.version != c.written]
 
-    async def _run(self, op: Any) -> Any:
-        """Await one driver operation, mapping driver errors to ``EngineError``."""
+    def _has_queued(self, device: str, b: int) -> bool:
+        end = b + self._bucket_ms
+        return any(b <= ts < end for ts in self._pending.get(device, ()))
+
+    async def _run(self, op: Any, keep: type[Exception] | None = None) -> Any:
+        """Await one driver operation, mapping driver errors (but ``keep``) to ``EngineError``."""
         from pymongo.errors import ConnectionFailure, PyMongoError
 
         try:
             return await op
-        except ConnectionFailure as exc:
-            self._mark_down(exc)
-            raise EngineError(f"telemetry store unavailable: {self._describe(exc)}") from None
-        except PyMongoError as exc:
-            raise EngineError(f"telemetry store: {self._describe(exc)}") from None
+        except Exception as exc:
+            if keep is not None and isinstance(exc, keep):
+                raise
+            if isinstance(exc, ConnectionFailure):
+                self._mark_down(exc)
+                raise EngineError(f"telemetry store unavailable: {self._describe(exc)}") from None
+            if isinstance(exc, PyMongoError):
+                raise EngineError(f"telemetry store: {self._describe(exc)}") from None
+            raise
+
+    async def _delete_chunked(self, coll: Any, query: dict[str, Any]) -> list[Any]:
+        """Delete what ``query`` matches, ``RETAIN_CHUNK`` ids per command; the ids deleted."""
+        deleted: list[Any] = []
+        while True:
+            docs = await self._run(coll.find(query, {"_id": 1}).limit(RETAIN_CHUNK).to_list(None))
+            ids = [d["_id"] for d in docs]
+            if ids:
+                await self._run(coll.delete_many({"_id": {"$in": ids}}))
+                deleted.extend(ids)
+            if len(ids) < RETAIN_CHUNK:
+                return deleted
 
     # -- flusher ---------------------------------------------------------------
 
@@ -409,12 +504,19 @@ class MongoTelemetryStore:
 
         backoff = Backoff(self._mongo.retry_delay, self._mongo.retry_max_delay)
         while True:
-            if not self._queue and not self._dirty_devices():
-                self._drained.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            if self._queue:
+            if not self._queue:
+                dirty = self._dirty_devices()
+                if not dirty:
+                    self._drained.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                wait = self._device_wait(dirty)
+                if wait > 0 and not self._closing:
+                    self._wakeup.clear()
+                    await _wait(self._wakeup, wait)
+                    continue
+            else:
                 wait = self._cfg.flush_interval - (time.monotonic() - self._queue[0].accepted)
                 if len(self._queue) < self._cfg.batch_size and not self._closing and wait > 0:
                     self._batch_ready.clear()
@@ -424,44 +526,51 @@ class MongoTelemetryStore:
             except asyncio.CancelledError:
                 raise
             except (PyMongoError, EngineError) as exc:
-                if _is_timeout(exc) and self._max_groups > 1:
+                if _is_timeout(exc) and self._factor > MIN_WRITE_FACTOR:
                     # The server may still be applying the command it was too slow
                     # for; sending the same amount again would time out again.
-                    self._max_groups = max(1, self._max_groups // 2)
+                    self._factor = max(MIN_WRITE_FACTOR, self._factor / 2)
                     log.warning(
-                        "telemetry write timed out; bucket updates per write now %d",
-                        self._max_groups,
+                        "telemetry write timed out; writes now carry up to %d points "
+                        "and %d device updates",
+                        self._batch_limit(),
+                        self._device_limit(),
                     )
                 self._mark_down(exc)
                 await asyncio.sleep(backoff.next())  # retry backoff, not a sync point
                 continue
             backoff.reset()
-            if self._max_groups < self._cfg.max_bucket_updates:
-                self._max_groups = min(
-                    self._cfg.max_bucket_updates, self._max_groups + max(1, self._max_groups // 4)
-                )
+            self._factor = min(1.0, self._factor * 1.25)
+
+    def _batch_limit(self) -> int:
+        return max(1, int(self._cfg.batch_size * self._factor))
+
+    def _device_limit(self) -> int:
+        return max(1, int(self._cfg.max_device_updates * self._factor))
+
+    def _device_wait(self, dirty: list[str]) -> float:
+        """Seconds until the first of these devices may be written again."""
+        now = time.monotonic()
+        interval = self._cfg.device_write_interval
+        return min(self._devices[d].written_at + interval - now for d in dirty)
+
+    def _due_devices(self) -> dict[str, int]:
+        """Devices to write now (name -> version), oldest written first, bounded per write."""
+        now = time.monotonic()
+        interval = self._cfg.device_write_interval
+        due = (
+            (d, c.version)
+            for d, c in self._devices.items()
+            if c.version != c.written and (self._closing or now - c.written_at >= interval)
+        )
+        return dict(itertools.islice(due, self._device_limit()))
 
     async def _flush_batch(self) -> None:
-        # The batch is the longest prefix of the queue with at most batch_size
-        # points in at most _max_groups buckets: one command's work stays bounded.
-        batch: list[_Pending] = []
-        groups: dict[tuple[str, int], _Group] = {}
-        for item in itertools.islice(self._queue, self._cfg.batch_size):
-            b = bucket_start(item.point.ts, self._bucket_ms)
-            group = groups.get((item.device, b))
-            if group is None:
-                if len(groups) >= self._max_groups:
-                    break
-                group = groups[(item.device, b)] = _Group(item.device, b, [])
-            group.points.append(item.point)
-            batch.append(item)
-        # Device documents are bounded the same way; written ones move to the end
-        # of the cache (below), so under sustained ingest every device takes turns.
-        dirty = ((d, c.version) for d, c in self._devices.items() if c.version != c.written)
-        devices = dict(itertools.islice(dirty, self._max_groups))
+        batch = list(itertools.islice(self._queue, self._batch_limit()))
+        devices = self._due_devices()
         started = time.monotonic()
-        if groups:
-            await self._write_buckets(list(groups.values()))
+        if batch:
+            await self._write_points(batch)
         if devices:
             await self._write_devices(list(devices))
         latency = time.monotonic() - started
@@ -472,10 +581,14 @@ class MongoTelemetryStore:
                 del waiting[item.point.ts]
                 if not waiting:
                     del self._pending[item.device]
+        # Written devices move to the end of the cache: under sustained ingest
+        # every device takes its turn.
+        now = time.monotonic()
         for name, version in devices.items():
             cache = self._devices.pop(name, None)
             if cache is not None:
                 cache.written = version
+                cache.written_at = now
                 self._devices[name] = cache
         self._written += len(batch)
         self._last_latency = latency
@@ -483,77 +596,84 @@ class MongoTelemetryStore:
             self._drained.set()
         self._mark_up()
 
-    async def _write_buckets(self, groups: list[_Group]) -> None:
-        work: deque[tuple[dict[str, Any], _Group]] = deque(
-            (self._bucket_update(g), g) for g in groups
-        )
-        while work:
-            errors = await self._update(self._cfg.collection, [u for u, _ in work])
-            if not errors:
-                return
-            err = errors[0]
-            index = int(err.get("index", 0))
-            for _ in range(index):
-                work.popleft()
-            _, group = work.popleft()
+    async def _write_points(self, batch: list[_Pending]) -> None:
+        _, buckets, _ = self._colls()
+        # A bucket that may be sealed already loses its summary before more of its
+        # points go in: until it is sealed again, queries read its points.
+        closed = int(time.time() * 1000) - self._seal_delay_ms
+        late = {
+            bucket_id(item.device, b)
+            for item in batch
+            if (b := bucket_start(item.point.ts, self._bucket_ms)) + self._bucket_ms <= closed
+        }
+        if late:
+            await buckets.delete_many({"_id": {"$in": sorted(late)}})
+        docs = [
+            {
+                "_id": point_id(item.device, item.point.ts),
+                "d": item.device,
+                "t": item.point.ts,
+                "v": {metric_key(m): v for m, v in item.point.values.items()},
+            }
+            for item in batch
+        ]
+        errors = await self._insert(docs)
+        refused: set[int] = set()
+        for err in errors:
             if err.get("code") in DUPLICATE_KEY_CODES:
-                if len(group.points) > 1:
-                    # Some of these ts are stored already: settle the group point by point.
-                    for point in reversed(group.points):
-                        single = _Group(group.device, group.start, [point])
-                        work.appendleft((self._bucket_update(single), single))
-                continue  # a single point: already stored
-            self._rejected += len(group.points)
-            # errmsg may quote the document (device data): log only the bucket and code.
+                continue  # stored already
+            index = int(err.get("index", 0))
+            refused.add(index)
+            item = batch[index]
+            # errmsg may quote the document (device data): log only the key and code.
             log.error(
-                "mongo server refused telemetry points; dropped device=%s bucket=%d points=%d "
-                "code=%s",
-                group.device,
-                group.start,
-                len(group.points),
+                "mongo server refused a telemetry point; dropped device=%s ts=%d code=%s",
+                item.device,
+                item.point.ts,
                 err.get("code"),
             )
+        self._rejected += len(refused)
+        for index, item in enumerate(batch):
+            if index not in refused:
+                self._mark_unsealed(item.device, bucket_start(item.point.ts, self._bucket_ms))
 
-    def _bucket_update(self, group: _Group) -> dict[str, Any]:
-        stats: dict[str, MetricStats] = {}
-        for point in group.points:
-            for metric, value in point.values.items():
-                cur = stats.get(metric)
-                if cur is None:
-                    stats[metric] = MetricStats.of(value)
-                else:
-                    cur.add(value)
-        inc: dict[str, Any] = {"n": len(group.points)}
-        low: dict[str, float] = {}
-        high: dict[str, float] = {}
-        for metric, s in stats.items():
-            key = metric_key(metric)
-            inc[f"s.{key}.sum"] = s.sum
-            inc[f"s.{key}.n"] = s.count
-            low[f"s.{key}.min"] = s.min
-            high[f"s.{key}.max"] = s.max
-        ts = [p.ts for p in group.points]
-        points = [
-            {"t": p.ts, "v": {metric_key(m): v for m, v in p.values.items()}} for p in group.points
-        ]
-        return {
-            "q": {"_id": bucket_id(group.device, group.start), "ts": {"$nin": ts}},
-            "u": {
-                "$push": {"ts": {"$each": ts}, "p": {"$each": points}},
-                "$inc": inc,
-                "$min": low,
-                "$max": high,
-                "$setOnInsert": {
-                    "device": group.device,
-                    "start": group.start,
-                    "end": group.start + self._bucket_ms,
-                },
-            },
-            "upsert": True,
-        }
+    async def _insert(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Insert point documents unordered; returns the write errors (duplicates among them).
+
+        Both servers go on after an error and report every failed document.
+
+        Raises:
+            PyMongoError: the insert failed as a whole, or was applied without the
+                write concern (the caller retries the batch; duplicates are fine).
+        """
+        from pymongo.errors import BulkWriteError
+
+        points, _, _ = self._colls()
+        try:
+            await points.insert_many(docs, ordered=False)
+        except BulkWriteError as exc:
+            if exc.details.get("writeConcernErrors"):
+                raise
+            return list(exc.details.get("writeErrors") or [])
+        return []
+
+    def _mark_unsealed(self, device: str, b: int) -> None:
+        key = (device, b)
+        self._unsealed.pop(key, None)  # re-inserted: the newest are kept longest
+        self._unsealed[key] = next(self._marks)
+        if len(self._unsealed) > MAX_UNSEALED:
+            forgotten = next(iter(self._unsealed))
+            del self._unsealed[forgotten]
+            log.warning(
+                "telemetry: more than %d buckets wait for sealing; bucket device=%s start=%d "
+                "stays unsealed (queries read its points)",
+                MAX_UNSEALED,
+                forgotten[0],
+                forgotten[1],
+            )
 
     async def _write_devices(self, names: list[str]) -> None:
-        _, devices = self._colls()
+        _, _, devices = self._colls()
         caches = {n: c for n in names if (c := self._devices.get(n)) is not None}
         unsynced = [n for n, c in caches.items() if not c.synced]
         if unsynced:
@@ -596,6 +716,10 @@ class MongoTelemetryStore:
     async def _update(self, collection: str, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """One ordered ``update`` command; returns its write errors (at most the first matters).
 
+        Ordered because FerretDB v1 stops an unordered update batch at its first
+        error too, and its reply then lacks ``nModified``, which PyMongo's
+        ``bulk_write`` cannot merge; ordered, both servers behave alike.
+
         Raises:
             PyMongoError: the command failed as a whole (the caller retries the batch).
         """
@@ -625,6 +749,61 @@ class MongoTelemetryStore:
         if password:
             text = text.replace(password, "***")
         return f"{type(exc).__name__}: {text[:300]}"
+
+    # -- sealing ---------------------------------------------------------------
+
+    async def _summarize(self, device: str, b: int) -> dict[str, Any] | None:
+        """The summary document of one bucket, from its stored points (None: no points)."""
+        points, _, _ = self._colls()
+        found = await self._run(
+            points.find(
+                {"d": device, "t": {"$gte": b, "$lt": b + self._bucket_ms}},
+                {"_id": 0, "v": 1},
+            ).to_list(None)
+        )
+        if not found:
+            return None
+        stats: dict[str, MetricStats] = {}
+        for p in found:
+            for key, value in (p.get("v") or {}).items():
+                cur = stats.get(key)
+                if cur is None:
+                    stats[key] = MetricStats.of(float(value))
+                else:
+                    cur.add(float(value))
+        return {
+            "_id": bucket_id(device, b),
+            "device": device,
+            "start": b,
+            "end": b + self._bucket_ms,
+            "n": len(found),
+            "s": {
+                key: {"min": s.min, "max": s.max, "sum": s.sum, "n": s.count}
+                for key, s in stats.items()
+            },
+        }
+
+    async def _put_summary(self, summary: dict[str, Any]) -> None:
+        """Insert a bucket's summary, or replace one that counts fewer points."""
+        from pymongo.errors import DuplicateKeyError
+
+        _, buckets, _ = self._colls()
+        try:
+            await self._run(buckets.insert_one(summary), keep=DuplicateKeyError)
+            return
+        except DuplicateKeyError:
+            pass
+        fewer = {"_id": summary["_id"], "n": {"$lt": summary["n"]}}
+        await self._run(buckets.replace_one(fewer, summary))
+
+    async def _seal_forever(self) -> None:
+        interval = min(self._cfg.bucket_seconds, 10.0)
+        while True:
+            await asyncio.sleep(interval)  # a periodic pass, not a sync point
+            try:
+                await self.seal(int(time.time() * 1000))
+            except EngineError as exc:
+                log.debug("telemetry sealing pass failed error=%s", exc)
 
     # -- retention -------------------------------------------------------------
 

@@ -5,10 +5,10 @@ validates them (``server.telemetry``), fans them out live, and hands the
 accepted ones to the telemetry store. Dashboards then ask the store for
 downsampled series and for each device's last contact and last values.
 
-Storage model (the bucket pattern)
+Storage model (buckets and their summaries)
     Points are grouped per device into fixed time *buckets* of
     ``telemetry.bucket_seconds``, aligned to multiples of the bucket length
-    since the epoch. A bucket holds its points and, per metric, the running
+    since the epoch. A bucket has its points and, per metric, a summary:
     ``min``/``max``/``sum``/``count``. A query whose steps cover whole buckets
     reads only those summaries; partially covered buckets are read point by
     point. Both implementations keep this shape so that they answer every
@@ -34,6 +34,11 @@ Devices
     frame, so a device with a wrong clock is still seen as online) and, per
     metric, the value of the newest point by ``ts``: an old point arriving late
     never replaces a newer last value.
+
+Sealing
+    A store may write a bucket's summary only once the bucket is closed (it
+    can take no more points on time) and read recent buckets point by point
+    until then; ``seal(now)`` does that work. Answers never depend on it.
 
 Retention
     ``retain(now)`` deletes buckets that ended more than
@@ -159,6 +164,17 @@ class TelemetryStore(Protocol):
 
     async def retain(self, now: int) -> int:
         """Apply retention as of ``now`` (ms); returns the number of buckets deleted.
+
+        Raises:
+            EngineError: the server could not be reached.
+        """
+
+    async def seal(self, now: int) -> int:
+        """Summarize what can no longer change as of ``now`` (ms); returns buckets summarized.
+
+        An optimisation only: answers are the same before and after. Stores that
+        keep summaries up to date as points arrive return 0. Implementations run
+        it themselves; it is public so tests can drive it.
 
         Raises:
             EngineError: the server could not be reached.

@@ -5,9 +5,11 @@ One suite over the ``tstore`` fixture: ``MemoryTelemetryStore``, and
 Motor, each on its own database of the session's MongoDB-compatible server
 (FerretDB unless ``SQUALL_MONGODB_URL`` says otherwise).
 
-The Mongo store writes behind, so the tests read twice: right after ``add``
-(the points are still queued; ``add`` never yields to the flusher) and again
-once ``status().queue_depth`` is 0 (they come from the collection). The
+The Mongo store writes behind and summarizes closed buckets later, so the
+tests read up to three times: right after ``add`` (the points are still
+queued; ``add`` never yields to the flusher), once ``status().queue_depth`` is
+0 (they come from the points collection), and after ``seal`` (whole buckets
+come from their summaries). The
 expected aggregates are computed here from the raw points, independently of
 ``Downsampler``. Mongo-only tests at the end check the stored documents and
 a restart.
@@ -80,9 +82,14 @@ def flat(stats: list[StepStats]) -> list[Any]:
     return [(s.t, s.min, s.max, s.avg, s.count) for s in stats]
 
 
-async def read_twice(store: TelemetryStore, query: tuple[Any, ...], want: list[StepStats]) -> None:
+async def read_each_way(
+    store: TelemetryStore, query: tuple[Any, ...], want: list[StepStats]
+) -> None:
+    """The same answer while queued, once written, and once the buckets are sealed."""
     assert flat(await store.query(*query)) == approx(want)
     await written(store)
+    assert flat(await store.query(*query)) == approx(want)
+    await store.seal(T0 + MS_PER_DAY)  # every bucket of these tests is closed by then
     assert flat(await store.query(*query)) == approx(want)
 
 
@@ -106,11 +113,13 @@ def series(n: int, *, every: int = 700, seed: int = 7) -> list[Point]:
     ],
 )
 async def test_query_min_max_avg_per_step_are_exact(tstore: TelemetryStore, start, end, step):
-    """Per-step min, max, avg and count match the raw points, queued and once written."""
+    """Per-step min, max, avg and count match the raw points: queued, written and sealed."""
     points = series(100)
     await tstore.add("dev-1", points, T0)
     raw = [(p.ts, p.values["temp"]) for p in points]
-    await read_twice(tstore, ("dev-1", "temp", start, end, step), expected(raw, start, end, step))
+    await read_each_way(
+        tstore, ("dev-1", "temp", start, end, step), expected(raw, start, end, step)
+    )
 
 
 async def test_points_added_in_several_frames_and_out_of_order_aggregate_together(
@@ -123,7 +132,7 @@ async def test_points_added_in_several_frames_and_out_of_order_aggregate_togethe
     for i in range(0, len(shuffled), 7):
         await tstore.add("dev-1", shuffled[i : i + 7], T0)
     raw = [(p.ts, p.values["hum"]) for p in points]
-    await read_twice(
+    await read_each_way(
         tstore, ("dev-1", "hum", T0, T0 + 60_000, 5_000), expected(raw, T0, T0 + 60_000, 5_000)
     )
 
@@ -136,10 +145,10 @@ async def test_retried_points_are_stored_once(tstore: TelemetryStore):
     want = expected(raw, T0, T0 + 30_000, 10_000)
     await tstore.add("dev-1", points, T0)
     await tstore.add("dev-1", points, T0)  # retried while still queued
-    await read_twice(tstore, query, want)
+    await read_each_way(tstore, query, want)
     await tstore.add("dev-1", points, T0)  # retried after it was written
     await tstore.add("dev-1", points[5:15], T0)
-    await read_twice(tstore, query, want)
+    await read_each_way(tstore, query, want)
     assert sum(s.count for s in await tstore.query(*query)) == 30
 
 
@@ -235,8 +244,11 @@ async def stored(url: str, database: str, collection: str) -> list[dict[str, Any
         await client.close()
 
 
-async def test_mongo_keeps_one_document_per_device_and_bucket(mongo_url, unique_prefix, mongo_kind):
-    """Buckets hold their points once and exact per-metric summaries; devices hold last values."""
+async def test_mongo_stores_each_point_once_and_seals_exact_bucket_summaries(
+    mongo_url, unique_prefix, mongo_kind
+):
+    """One document per point (a retry adds none); sealing writes one exact summary per
+    device and bucket; the device document holds last seen and last values."""
     store = make_store(mongo_kind, mongo_url, unique_prefix)
     await store.start()
     try:
@@ -244,26 +256,105 @@ async def test_mongo_keeps_one_document_per_device_and_bucket(mongo_url, unique_
         await store.add("dev/1", points, T0 + 99)
         await store.add("dev/1", points[:3], T0 + 99)  # a retry
         await written(store)
+        assert await stored(mongo_url, unique_prefix, CFG.collection) == []  # not sealed yet
+        stored_points = await stored(mongo_url, unique_prefix, CFG.points_collection)
+        assert len(stored_points) == 6
+        assert stored_points[1] == {
+            "_id": f"dev/1/{T0 + 2500}",
+            "d": "dev/1",
+            "t": T0 + 2500,
+            "v": {"t:c": 1.0},
+        }
+        # A bucket is sealed once it cannot take points on time any more.
+        closes = T0 + BUCKET_MS + int((CFG.max_skew + 60) * 1000)
+        assert await store.seal(closes - 1) == 0
+        assert await store.seal(closes) == 1
+        assert await store.seal(T0 + MS_PER_DAY) == 1
+        assert await store.seal(T0 + MS_PER_DAY) == 0  # nothing new to seal
     finally:
         await store.close()
     buckets = await stored(mongo_url, unique_prefix, CFG.collection)
-    assert [b["_id"] for b in buckets] == [f"dev/1/{T0}", f"dev/1/{T0 + BUCKET_MS}"]
-    first = buckets[0]
-    assert (first["device"], first["start"], first["end"], first["n"]) == (
-        "dev/1",
-        T0,
-        T0 + BUCKET_MS,
-        4,
-    )
-    assert first["ts"] == [T0, T0 + 2500, T0 + 5000, T0 + 7500]
-    assert first["p"][1] == {"t": T0 + 2500, "v": {"t:c": 1.0}}
-    assert first["s"] == {"t:c": {"min": 0.0, "max": 3.0, "sum": 6.0, "n": 4}}
+    assert buckets == [
+        {
+            "_id": f"dev/1/{T0}",
+            "device": "dev/1",
+            "start": T0,
+            "end": T0 + BUCKET_MS,
+            "n": 4,
+            "s": {"t:c": {"min": 0.0, "max": 3.0, "sum": 6.0, "n": 4}},
+        },
+        {
+            "_id": f"dev/1/{T0 + BUCKET_MS}",
+            "device": "dev/1",
+            "start": T0 + BUCKET_MS,
+            "end": T0 + 2 * BUCKET_MS,
+            "n": 2,
+            "s": {"t:c": {"min": 4.0, "max": 5.0, "sum": 9.0, "n": 2}},
+        },
+    ]
     [device] = await stored(mongo_url, unique_prefix, CFG.devices_collection)
     assert device == {
         "_id": "dev/1",
         "last_seen": T0 + 99,
         "last": {"t:c": {"v": 5.0, "t": T0 + 12500}},
     }
+
+
+async def test_mongo_points_arriving_after_sealing_reopen_the_bucket(
+    mongo_url, unique_prefix, mongo_kind
+):
+    """A point written into a sealed bucket (queued through an outage) counts at once, and
+    the next sealing pass writes the bigger summary; retention removes points and summaries."""
+    store = make_store(mongo_kind, mongo_url, unique_prefix)
+    await store.start()
+    query = ("d", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+    try:
+        await store.add("d", [Point(T0 + i, {"v": float(i)}) for i in range(4)], T0)
+        await written(store)
+        assert await store.seal(T0 + MS_PER_DAY) == 1
+        assert [(s.count, s.max) for s in await store.query(*query)] == [(4, 3.0)]
+        await store.add("d", [Point(T0 + 9, {"v": 90.0}), Point(T0 + 2, {"v": 2.0})], T0)
+        assert [(s.count, s.max) for s in await store.query(*query)] == [(5, 90.0)]  # queued
+        await written(store)
+        assert [(s.count, s.max) for s in await store.query(*query)] == [(5, 90.0)]  # points
+        assert await store.seal(T0 + MS_PER_DAY) == 1
+        assert [(s.count, s.max) for s in await store.query(*query)] == [(5, 90.0)]  # summary
+        [bucket] = await stored(mongo_url, unique_prefix, CFG.collection)
+        assert (bucket["n"], bucket["s"]["v"]["sum"]) == (5, 96.0)
+        assert await store.retain(T0 + 2 * MS_PER_DAY) == 1
+        assert await stored(mongo_url, unique_prefix, CFG.collection) == []
+        assert await stored(mongo_url, unique_prefix, CFG.points_collection) == []
+    finally:
+        await store.close()
+
+
+async def test_mongo_two_nodes_writing_one_bucket_seal_the_complete_summary(
+    mongo_url, unique_prefix, mongo_kind
+):
+    """Two stores on one database (two Squall nodes) write overlapping points of a device
+    into the same bucket; each point counts once and whichever seals last, the summary
+    covers both."""
+    one = make_store(mongo_kind, mongo_url, unique_prefix)
+    two = make_store(mongo_kind, mongo_url, unique_prefix)
+    await one.start()
+    await two.start()
+    try:
+        await one.add("d", [Point(T0 + i, {"v": 1.0}) for i in range(0, 6)], T0)
+        await written(one)
+        assert await one.seal(T0 + MS_PER_DAY) == 1  # sees only its own points
+        await two.add("d", [Point(T0 + i, {"v": 2.0}) for i in range(3, 10)], T0)  # 3..5 retried
+        await written(two)
+        assert await two.seal(T0 + MS_PER_DAY) == 1
+        assert await one.seal(T0 + MS_PER_DAY) == 0
+        for store in (one, two):
+            [s] = await store.query("d", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+            assert (s.count, s.min, s.max) == (10, 1.0, 2.0)
+            assert s.avg == pytest.approx((6 * 1.0 + 4 * 2.0) / 10)
+    finally:
+        await one.close()
+        await two.close()
+    [bucket] = await stored(mongo_url, unique_prefix, CFG.collection)
+    assert bucket["n"] == 10
 
 
 async def test_mongo_close_flushes_and_a_new_store_reads_everything_back(
@@ -294,48 +385,52 @@ async def test_mongo_close_flushes_and_a_new_store_reads_everything_back(
     assert device["last"]["temp"]["v"] == points[-1].values["temp"]
 
 
-async def test_mongo_bounds_bucket_updates_per_write_and_halves_them_after_a_timeout(
+async def test_mongo_halves_writes_after_a_timeout_and_stores_every_point_once(
     mongo_url, unique_prefix
 ):
-    """A write command carries at most ``max_bucket_updates`` bucket (or device) updates; after a
-    write times out (the server may still be applying it) the store sends half as many,
-    then grows back, and every point still ends up stored exactly once."""
+    """An insert carries at most ``batch_size`` points and a write at most
+    ``max_device_updates`` device updates; after a write times out (the server may still
+    be applying it) the store sends half as much, then grows back, and every point still
+    ends up stored exactly once."""
     from pymongo.errors import NetworkTimeout
 
-    cfg = TelemetryConfig(bucket_seconds=BUCKET_MS / 1000, flush_interval=0.01, batch_size=10_000)
-    cfg = dataclasses.replace(cfg, max_bucket_updates=4)
+    cfg = dataclasses.replace(CFG, batch_size=8, max_device_updates=4, device_write_interval=0)
     store = make_store("mongo-pymongo", mongo_url, unique_prefix, cfg)
     assert isinstance(store, MongoTelemetryStore)
     sizes: list[int] = []
     device_sizes: list[int] = []
-    real_update = store._update
-    timeouts = [1]  # the first bucket write times out once
+    real_insert, real_update = store._insert, store._update
+    timeouts = [1]  # the first insert times out once, after the server applied it
 
-    async def observed(collection: str, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if collection == cfg.devices_collection:
-            device_sizes.append(len(updates))
-        if collection == cfg.collection:
-            sizes.append(len(updates))
-            if timeouts:
-                timeouts.pop()
-                raise NetworkTimeout("timed out (injected)")
+    async def insert(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        sizes.append(len(docs))
+        errors = await real_insert(docs)
+        if timeouts:
+            timeouts.pop()
+            raise NetworkTimeout("timed out (injected)")
+        return errors
+
+    async def update(collection: str, updates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        device_sizes.append(len(updates))
         return await real_update(collection, updates)
 
-    store._update = observed  # type: ignore[method-assign]
+    store._insert = insert  # type: ignore[method-assign]
+    store._update = update  # type: ignore[method-assign]
     await store.start()
     try:
-        for d in range(10):  # 10 devices x 2 buckets = 20 bucket updates
+        for d in range(10):  # 10 devices x 4 points, all queued before the first write
             await store.add(f"d{d}", [Point(T0 + i * 5000, {"v": float(d)}) for i in range(4)], T0)
         await written(store)
     finally:
         await store.close()
-    assert sizes[0] == 4  # at most max_bucket_updates in one command
-    assert sizes[1] == 2  # halved after the timeout
-    assert max(sizes) <= 4
-    assert sizes[-1] > 2  # grown back after successful writes
-    assert max(device_sizes) <= 4  # device documents are bounded the same way
-    buckets = await stored(mongo_url, unique_prefix, cfg.collection)
-    assert len(buckets) == 20
-    assert sorted(b["n"] for b in buckets) == [2] * 20  # every point once, none lost
+    assert sizes[0] == 8  # at most batch_size in one insert
+    assert sizes[1] == 4  # halved after the timeout (the same points, sent again)
+    assert max(sizes) <= 8
+    assert max(sizes[2:]) > 4  # grown back after successful writes
+    assert 0 < max(device_sizes) <= 4  # device documents are bounded too
+    points = await stored(mongo_url, unique_prefix, cfg.points_collection)
+    assert sorted(p["_id"] for p in points) == sorted(
+        f"d{d}/{T0 + i * 5000}" for d in range(10) for i in range(4)
+    )  # every point once, none lost
     devices = await stored(mongo_url, unique_prefix, cfg.devices_collection)
     assert sorted(d["_id"] for d in devices) == sorted(f"d{d}" for d in range(10))
