@@ -181,7 +181,7 @@ class TelemetryConfig:
     devices_collection: str = "devices"  # MongoDB collection of devices (last seen/values)
     queue_size: int = 100_000  # points accepted but not yet written; full -> error 1001 / 503
     batch_size: int = 2000  # points per insert (fewer after a write timed out)
-    max_device_updates: int = 200  # device upserts per write (fewer after a write timed out)
+    max_device_updates: int = 50  # device upserts per write (fewer after a write timed out)
     device_write_interval: float = 5.0  # seconds between writes of one device's document; 0 = each
     flush_interval: float = 0.2  # seconds a partial batch waits for more before being written
 

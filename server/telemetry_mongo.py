@@ -56,7 +56,10 @@ Write path
     last values merged per metric by ``ts`` in the cache; the first time this
     process writes a device it reads the stored document and merges it in), at
     most every ``telemetry.device_write_interval`` per device and
-    ``telemetry.max_device_updates`` per write, devices taking turns. Two nodes
+    ``telemetry.max_device_updates`` per write, devices taking turns, and only
+    while no backlog of points waits (or at close), always after the points in
+    the same task: on FerretDB v1 an update next to an insert on another
+    connection can hang both for good. Two nodes
     ingesting for the same device at the same time may briefly overwrite each
     other's last values; points and summaries are exact.
 
@@ -202,6 +205,9 @@ class MongoTelemetryStore:
         self._rejected = 0
         self._sealed = 0
         self._factor = 1.0  # share of the write limits in use: halved after a timeout, regrown
+        # One write of this store at a time: on FerretDB v1 an update running beside
+        # another write can hang both for good.
+        self._write_lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -492,7 +498,8 @@ class MongoTelemetryStore:
             docs = await self._run(coll.find(query, {"_id": 1}).limit(RETAIN_CHUNK).to_list(None))
             ids = [d["_id"] for d in docs]
             if ids:
-                await self._run(coll.delete_many({"_id": {"$in": ids}}))
+                async with self._write_lock:
+                    await self._run(coll.delete_many({"_id": {"$in": ids}}))
                 deleted.extend(ids)
             if len(ids) < RETAIN_CHUNK:
                 return deleted
@@ -522,7 +529,8 @@ class MongoTelemetryStore:
                     self._batch_ready.clear()
                     await _wait(self._batch_ready, wait)
             try:
-                await self._flush_batch()
+                async with self._write_lock:
+                    await self._flush_batch()
             except asyncio.CancelledError:
                 raise
             except (PyMongoError, EngineError) as exc:
@@ -567,7 +575,11 @@ class MongoTelemetryStore:
 
     async def _flush_batch(self) -> None:
         batch = list(itertools.islice(self._queue, self._batch_limit()))
-        devices = self._due_devices()
+        # Points first: device documents wait while a backlog of points does. (On
+        # FerretDB v1 an update is slow, and one running next to an insert can
+        # deadlock the server, so they are never sent side by side either.)
+        backlog = len(self._queue) - len(batch) >= self._cfg.batch_size
+        devices = self._due_devices() if self._closing or not backlog else {}
         started = time.monotonic()
         if batch:
             await self._write_points(batch)
@@ -788,13 +800,14 @@ class MongoTelemetryStore:
         from pymongo.errors import DuplicateKeyError
 
         _, buckets, _ = self._colls()
-        try:
-            await self._run(buckets.insert_one(summary), keep=DuplicateKeyError)
-            return
-        except DuplicateKeyError:
-            pass
-        fewer = {"_id": summary["_id"], "n": {"$lt": summary["n"]}}
-        await self._run(buckets.replace_one(fewer, summary))
+        async with self._write_lock:
+            try:
+                await self._run(buckets.insert_one(summary), keep=DuplicateKeyError)
+                return
+            except DuplicateKeyError:
+                pass
+            fewer = {"_id": summary["_id"], "n": {"$lt": summary["n"]}}
+            await self._run(buckets.replace_one(fewer, summary))
 
     async def _seal_forever(self) -> None:
         interval = min(self._cfg.bucket_seconds, 10.0)
