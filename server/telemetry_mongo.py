@@ -613,10 +613,11 @@ class MongoTelemetryStore:
         # A bucket that may be sealed already loses its summary before more of its
         # points go in: until it is sealed again, queries read its points.
         closed = int(time.time() * 1000) - self._seal_delay_ms
+        starts = [bucket_start(item.point.ts, self._bucket_ms) for item in batch]
         late = {
             bucket_id(item.device, b)
-            for item in batch
-            if (b := bucket_start(item.point.ts, self._bucket_ms)) + self._bucket_ms <= closed
+            for item, b in zip(batch, starts, strict=True)
+            if b + self._bucket_ms <= closed
         }
         if late:
             await buckets.delete_many({"_id": {"$in": sorted(late)}})
@@ -645,9 +646,14 @@ class MongoTelemetryStore:
                 err.get("code"),
             )
         self._rejected += len(refused)
-        for index, item in enumerate(batch):
-            if index not in refused:
-                self._mark_unsealed(item.device, bucket_start(item.point.ts, self._bucket_ms))
+        # Each bucket once per batch (a dict keeps the batch's order).
+        written = dict.fromkeys(
+            (item.device, b)
+            for index, (item, b) in enumerate(zip(batch, starts, strict=True))
+            if index not in refused
+        )
+        for device, b in written:
+            self._mark_unsealed(device, b)
 
     async def _insert(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Insert point documents unordered; returns the write errors (duplicates among them).
