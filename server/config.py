@@ -113,6 +113,7 @@ class ClientConfig:
     command_rate: float = 100.0  # commands per second sustained; 0 = unlimited
     command_burst: int = 200  # commands allowed in a burst above the rate
     write_delay: float = 0.0  # seconds to wait to coalesce outgoing frames; 0 = next loop tick
+    flush_share: float = 0.75  # at most this share of time goes to writing frames; 1 = no pacing
     compression: bool = False  # offer permessage-deflate (costs ~47 KiB RAM per connection)
     presence_interval: float = 25.0  # seconds between presence refreshes
     presence_ttl: float = 60.0  # seconds a presence entry lives without refresh
@@ -438,6 +439,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(
             f"server.node_expiry: must be longer than server.node_heartbeat_interval "
             f"({cfg.server.node_heartbeat_interval}), got {cfg.server.node_expiry}"
+        )
+    if not 0 < cfg.client.flush_share <= 1:
+        raise ConfigError(
+            f"client.flush_share: expected more than 0 and at most 1, got {cfg.client.flush_share}"
         )
     if cfg.client.command_rate > 0 and cfg.client.command_burst < 1:
         raise ConfigError("client.command_burst: must be at least 1 when command_rate is set")

@@ -82,6 +82,7 @@ log = logging.getLogger("squall.hub")
 MAX_RECOVERY: Final = 10_000  # publications one recovery may return
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
 LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
+FLUSH_PAUSE_MIN: Final = 0.0005  # seconds: a shorter pause after a flush is not worth a timer
 CANCEL_RETRY_INTERVAL: Final = 0.1  # seconds close() gives a cancelled loop before cancelling again
 # Upper bounds of what a stored publication adds to its variable-length fields
 # (BSON keys, type bytes, lengths, _id, offset, times, an epoch up to ~200 bytes).
@@ -143,6 +144,7 @@ class Hub:
         self.closing = False
         self._dirty: list[Client] = []
         self._flush_scheduled = False
+        self._flush_not_before = 0.0  # time.monotonic() before which no flush starts (_flush)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._restored: OrderedDict[str, None] = OrderedDict()
@@ -245,18 +247,33 @@ class Hub:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop = self._loop or asyncio.get_running_loop()
-            delay = self.config.client.write_delay
+            delay = max(self.config.client.write_delay, self._flush_not_before - time.monotonic())
             if delay > 0:
                 loop.call_later(delay, self._flush)
             else:
                 loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Write every queued frame; then pace the next flush by this one's cost.
+
+        A flush that took ``t`` seconds (a broadcast to many connections: one
+        ``send`` each) holds the next one back ``t * (1 / share - 1)`` seconds,
+        ``share`` being ``client.flush_share``: pushes queued meanwhile leave
+        together, one frame per connection, so the time spent writing stays at
+        about that share of the loop while commands and publications still get
+        the rest. Small flushes (under ``FLUSH_PAUSE_MIN`` of pause) are not
+        held back: a lightly loaded hub writes on the next loop tick.
+        """
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         frames: FrameCache = {}  # one frame per distinct single payload, shared
+        started = time.monotonic()
         for client in dirty:
             client.flush(frames)
+        ended = time.monotonic()
+        share = self.config.client.flush_share
+        pause = (ended - started) * (1.0 / share - 1.0)
+        self._flush_not_before = ended + pause if pause >= FLUSH_PAUSE_MIN else 0.0
 
     # ------------------------------------------------------------------ subscriptions
 

@@ -278,6 +278,8 @@ def test_config_is_immutable(tmp_path):
         ("client: {allowed_origins: ['https://a.example/path']}", "client.allowed_origins"),
         ("client: {command_rate: 10, command_burst: 0}", "client.command_burst"),
         ("client: {presence_ttl: 0}", "client.presence_ttl"),
+        ("client: {flush_share: 0}", "client.flush_share"),
+        ("client: {flush_share: 1.5}", "client.flush_share"),
         ("server: {port: 0}", "server.port"),
         ("server: {port: 70000}", "server.port"),
         ("server: {port: '8000'}", "server.port"),
