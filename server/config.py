@@ -508,10 +508,6 @@ def _check_telemetry(t: TelemetryConfig) -> None:
         "telemetry.max_device_updates": t.max_device_updates,
     }
     require_positive(positive)
-    if t.device_write_interval < 0:
-        raise ConfigError(
-            f"telemetry.device_write_interval: must be >= 0, got {t.device_write_interval}"
-        )
     if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):
         raise ConfigError(
             f"telemetry.bucket_seconds: must be whole milliseconds, got {t.bucket_seconds}"
