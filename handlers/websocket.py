@@ -117,6 +117,11 @@ YIELD_EVERY = 256 * 1024  # input handled before other connections get a turn
 FRAME_COST = 1024  # each message counts this much more towards YIELD_EVERY
 
 
+# The reading task of every open connection (the event loop keeps only weak
+# references to tasks).
+_readers: set[asyncio.Future[None]] = set()
+
+
 class _Protocol(tornado.websocket.WebSocketProtocol13):
     """Tornado's RFC 6455 protocol with a cheaper frame reader, and a record of
     the closes Tornado starts by itself.
@@ -148,12 +153,25 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         super().close(code, reason)
 
     async def _receive_frame_loop(self) -> None:
+        # Tornado awaits this at the end of the handshake, inside the request
+        # handler's coroutines: awaiting the whole connection here would keep
+        # those suspended (their frames, the HTTP connection objects and two
+        # tasks, about 3 KiB per connection). The frames are read in a task of
+        # their own instead, and the handshake finishes.
         if self._decompressor is not None:
-            await super()._receive_frame_loop()
-            return
+            reader = asyncio.ensure_future(super()._receive_frame_loop())
+        else:
+            reader = asyncio.ensure_future(self._read_loop())
+        _readers.add(reader)
+        reader.add_done_callback(_readers.discard)
+
+    async def _read_loop(self) -> None:
         try:
             await self._read_frames()
         except tornado.iostream.StreamClosedError:
+            self._abort()
+        except Exception:
+            log.exception("websocket reader failed")
             self._abort()
         finally:
             self.handler.on_ws_connection_close(self.close_code, self.close_reason)
@@ -325,10 +343,14 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
 
     def open(self, *args: str, **kwargs: str) -> None:
         transport = WebSocketTransport(self, raw=not self.hub.config.client.compression)
-        # The handshake is over: the request headers (about 2 KiB per
-        # connection) are not read again; the transport kept the remote address.
-        # Cleared in place: Tornado's suspended ``get`` still holds the object.
+        # The handshake is over and the stream detached: the request headers
+        # (about 2 KiB per connection) are not read again (the transport kept
+        # the remote address), and the request's HTTP connection objects (about
+        # 3 KiB with what they hold) are not used again. The request itself
+        # stays for log_exception's summary (method, URI, remote address).
         self.request.headers.clear()
+        self.request.connection = None
+        self.request.server_connection = None
         stream = getattr(self.ws_connection, "stream", None)
         if stream is not None:
             stream.max_write_buffer_size = self.hub.config.client.max_queue_bytes

@@ -1,0 +1,118 @@
+"""What an open WebSocket connection keeps after its handshake, and how its
+reading ends.
+
+An idle connection's memory is what limits how many a process holds (the
+benchmark's connections scenario measures it). After the 101 response the
+connection needs its stream, its protocol object, its ``Client`` and one
+reading task; Tornado's HTTP request machinery (the HTTP connection objects,
+the handler's suspended coroutines and their tasks) must not stay alive with
+it, with or without permessage-deflate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import tornado.http1connection
+import tornado.websocket
+
+import handlers.websocket
+from server import codes
+from tests.handlers.test_bad_input import server_and_bystander
+from tests.helpers.logs import expect_log
+from tests.helpers.server import RawClient, RunningSquall
+
+
+def http_leftovers() -> tuple[int, int]:
+    """(HTTP/1 server connections alive, request handler coroutines still running)."""
+    gc.collect()
+    servers = sum(
+        1 for o in gc.get_objects() if isinstance(o, tornado.http1connection.HTTP1ServerConnection)
+    )
+    running = sum(
+        1
+        for t in asyncio.all_tasks()
+        if "RequestHandler._execute" in getattr(t.get_coro(), "__qualname__", "")
+    )
+    return servers, running
+
+
+async def deflate_client(sq: RunningSquall) -> RawClient:
+    ws = await tornado.websocket.websocket_connect(sq.ws_url, compression_options={})
+    client = RawClient(ws)
+    sq.clients.append(client)
+    return client
+
+
+async def test_open_connections_keep_no_http_request_machinery(squall):
+    """Twenty connected, subscribed clients: no HTTP server connection object and
+    no request handler coroutine is left alive for any of them, and they all
+    still receive publications."""
+    sq = await squall()
+    assert http_leftovers() == (0, 0)
+    clients = []
+    for i in range(20):
+        c = await sq.raw(connect=True, sub=f"user{i}")
+        assert "subscribe" in await c.command("subscribe", {"channel": "news"})
+        clients.append(c)
+    assert len(sq.hub.clients) == 20
+    assert http_leftovers() == (0, 0)
+    assert "result" in await sq.api("publish", {"channel": "news", "data": {"n": 1}})
+    for c in clients:
+        push = await c.next_push()
+        assert push["push"]["pub"]["data"] == {"n": 1}, push
+
+
+async def test_permessage_deflate_round_trip_and_lifetime(squall):
+    """With ``client.compression`` on, a client that offers permessage-deflate gets
+    it, and connect, subscribe, publications and the server's close code all work
+    over compressed frames; the handshake's HTTP objects are released here too,
+    and closing the connection removes the client from the hub."""
+    sq = await squall(**{"client.compression": True})
+    c = await deflate_client(sq)
+    assert "permessage-deflate" in c.ws.headers.get("Sec-WebSocket-Extensions", "")
+    await c.connect("zipped")
+    assert "subscribe" in await c.command("subscribe", {"channel": "news"})
+    data = {"text": "z" * 4000}
+    assert "result" in await sq.api("publish", {"channel": "news", "data": data})
+    push = await c.next_push()
+    assert push["push"]["pub"]["data"] == data
+    assert http_leftovers() == (0, 0)
+    reply = await sq.api("disconnect", {"user": "zipped"})
+    assert reply == {"result": {}}, reply
+    code, reason = await c.closed()
+    assert (code, reason) == (codes.FORCE_DISCONNECT.code, codes.FORCE_DISCONNECT.reason)
+    for _ in range(100):
+        if not sq.hub.clients:
+            break
+        await asyncio.sleep(0.02)
+    assert not sq.hub.clients
+
+
+async def test_a_failing_reader_ends_only_its_connection(squall, monkeypatch):
+    """An unexpected error inside one connection's frame reader (a bug, not bad
+    input: nothing a client sends reaches here) is logged, ends that connection
+    and removes its client, and the other clients carry on."""
+    sq, ok = await server_and_bystander(squall)
+    victim = await sq.raw(connect=True, sub="victim")
+    assert len(sq.hub.clients) == 2
+    unmask = handlers.websocket._websocket_mask
+
+    def broken(mask: bytes, data: bytes) -> Any:
+        if b"boom" in unmask(mask, data):
+            raise RuntimeError("reader bug")
+        return unmask(mask, data)
+
+    monkeypatch.setattr(handlers.websocket, "_websocket_mask", broken)
+    with expect_log("squall.client", "websocket reader failed"):
+        await victim.send({"id": 9, "publish": {"channel": "lobby", "data": "boom"}})
+        msg = await victim.next_non_ping()
+        assert "closed" in msg, msg
+        for _ in range(100):
+            if len(sq.hub.clients) == 1:
+                break
+            await asyncio.sleep(0.02)
+    assert len(sq.hub.clients) == 1
+    await ok.still_works()
