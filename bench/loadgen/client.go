@@ -51,16 +51,23 @@ type target struct {
 type onPub func(c *conn, line []byte)
 
 type conn struct {
-	idx    int
-	t      *target
-	ws     *websocket.Conn
-	wmu    sync.Mutex
-	mu     sync.Mutex
-	waits  map[uint32]chan error
-	nextID uint32
-	dead   atomic.Bool
-	done   chan struct{}
-	pub    onPub
+	idx int
+	t   *target
+	ws  *websocket.Conn // socketio: read by readLoop
+	// centrifugo: the socket, read by the reactor (rawws.go)
+	nc      net.Conn
+	fd      int
+	r       *reactor
+	pending []byte // bytes of an incomplete frame
+	frag    []byte // a fragmented message being gathered
+	endOnce sync.Once
+	wmu     sync.Mutex
+	mu      sync.Mutex
+	waits   map[uint32]chan error
+	nextID  uint32
+	dead    atomic.Bool
+	done    chan struct{}
+	pub     onPub
 	// pushes without a bench timestamp that signalled a disconnect or unsubscribe
 	kicked atomic.Int64
 }
@@ -107,27 +114,16 @@ func makeDashboardToken(secret, user string, globs []string) (string, error) {
 func dial(ctx context.Context, t *target, idx int, pub onPub) (*conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, t.timeout)
 	defer cancel()
-	ws, resp, err := wsDialer.DialContext(ctx, t.wsURL, http.Header{})
+	c := &conn{idx: idx, t: t, waits: map[uint32]chan error{}, done: make(chan struct{}), pub: pub}
+	token, err := c.token()
 	if err != nil {
-		if resp != nil {
-			return nil, fmt.Errorf("websocket dial: %w (HTTP %d)", err, resp.StatusCode)
-		}
-		return nil, fmt.Errorf("websocket dial: %w", err)
-	}
-	c := &conn{idx: idx, t: t, ws: ws, waits: map[uint32]chan error{}, done: make(chan struct{}), pub: pub}
-	var token string
-	if t.token != nil {
-		token, err = t.token(idx)
-	} else {
-		token, err = makeToken(t.secret, "bench-"+strconv.Itoa(idx))
-	}
-	if err != nil {
-		_ = ws.Close()
 		return nil, err
 	}
 	switch t.proto {
 	case protoCentrifugo:
-		go c.readLoop()
+		if err := dialRaw(ctx, t, c); err != nil {
+			return nil, err
+		}
 		id, ch := c.register()
 		cmd, _ := json.Marshal(map[string]any{
 			"id":      id,
@@ -142,6 +138,14 @@ func dial(ctx context.Context, t *target, idx int, pub onPub) (*conn, error) {
 			return nil, fmt.Errorf("connect: %w", err)
 		}
 	case protoSocketIO:
+		ws, resp, err := wsDialer.DialContext(ctx, t.wsURL, http.Header{})
+		if err != nil {
+			if resp != nil {
+				return nil, fmt.Errorf("websocket dial: %w (HTTP %d)", err, resp.StatusCode)
+			}
+			return nil, fmt.Errorf("websocket dial: %w", err)
+		}
+		c.ws = ws
 		// The Engine.IO open packet comes first; read it before the loop starts.
 		_ = ws.SetReadDeadline(time.Now().Add(t.timeout))
 		_, msg, err := ws.ReadMessage()
@@ -165,10 +169,17 @@ func dial(ctx context.Context, t *target, idx int, pub onPub) (*conn, error) {
 			return nil, fmt.Errorf("socket.io connect: %w", err)
 		}
 	default:
-		_ = ws.Close()
 		return nil, fmt.Errorf("unknown protocol %q", t.proto)
 	}
 	return c, nil
+}
+
+// token mints the connection's JWT.
+func (c *conn) token() (string, error) {
+	if c.t.token != nil {
+		return c.t.token(c.idx)
+	}
+	return makeToken(c.t.secret, "bench-"+strconv.Itoa(c.idx))
 }
 
 func (c *conn) register() (uint32, chan error) {
@@ -229,6 +240,9 @@ func (c *conn) subscribe(ctx context.Context, channels ...string) error {
 }
 
 func (c *conn) write(b []byte) error {
+	if c.ws == nil {
+		return c.writeFrame(0x1, b)
+	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	_ = c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second))
@@ -236,6 +250,10 @@ func (c *conn) write(b []byte) error {
 }
 
 func (c *conn) close() {
+	if c.ws == nil {
+		c.die()
+		return
+	}
 	if c.dead.CompareAndSwap(false, true) {
 		_ = c.ws.Close()
 	}
@@ -250,6 +268,8 @@ func (c *conn) alive() bool {
 	}
 }
 
+// readLoop reads a Socket.IO connection (Centrifugo connections are read by the
+// reactor, rawws.go).
 func (c *conn) readLoop() {
 	defer func() {
 		c.dead.Store(true)
@@ -261,21 +281,7 @@ func (c *conn) readLoop() {
 		if err != nil {
 			return
 		}
-		if c.t.proto == protoCentrifugo {
-			for len(msg) > 0 {
-				line := msg
-				if i := bytes.IndexByte(msg, '\n'); i >= 0 {
-					line, msg = msg[:i], msg[i+1:]
-				} else {
-					msg = nil
-				}
-				if len(line) > 0 {
-					c.handleCentrifugo(line)
-				}
-			}
-		} else {
-			c.handleSocketIO(msg)
-		}
+		c.handleSocketIO(msg)
 	}
 }
 
