@@ -327,9 +327,7 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
         return {} if self.hub.config.client.compression else None
 
     def prepare(self) -> None:
-        # Refused here rather than in an overridden ``get``: a coroutine wrapped
-        # around Tornado's ``get`` would stay suspended, holding its frame, for
-        # the whole life of every connection.
+        # Refused before Tornado's ``get`` starts the handshake.
         if self.hub.closing:
             self.set_status(503)
             _ = self.finish("shutting down")  # a Future; nothing to wait for
