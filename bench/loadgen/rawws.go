@@ -18,6 +18,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha1"
@@ -214,7 +215,7 @@ func (c *conn) frames(data []byte) (int, bool) {
 func (c *conn) message(msg []byte) {
 	for len(msg) > 0 {
 		line := msg
-		if j := indexByte(msg, '\n'); j >= 0 {
+		if j := bytes.IndexByte(msg, '\n'); j >= 0 {
 			line, msg = msg[:j], msg[j+1:]
 		} else {
 			msg = nil
@@ -223,15 +224,6 @@ func (c *conn) message(msg []byte) {
 			c.handleCentrifugo(line)
 		}
 	}
-}
-
-func indexByte(b []byte, x byte) int {
-	for i, v := range b {
-		if v == x {
-			return i
-		}
-	}
-	return -1
 }
 
 // writeFrame sends one masked, unfragmented frame.

@@ -75,11 +75,11 @@ async def test_permessage_deflate_round_trip_and_lifetime(squall):
     assert "permessage-deflate" in c.ws.headers.get("Sec-WebSocket-Extensions", "")
     await c.connect("zipped")
     assert "subscribe" in await c.command("subscribe", {"channel": "news"})
+    assert http_leftovers() == (0, 0)
     data = {"text": "z" * 4000}
     assert "result" in await sq.api("publish", {"channel": "news", "data": data})
     push = await c.next_push()
     assert push["push"]["pub"]["data"] == data
-    assert http_leftovers() == (0, 0)
     reply = await sq.api("disconnect", {"user": "zipped"})
     assert reply == {"result": {}}, reply
     code, reason = await c.closed()
