@@ -49,6 +49,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         level = logging.WARNING
     else:
         level = logging.ERROR
+    if not access_log.isEnabledFor(level):
+        return  # e.g. the 101 of every WebSocket upgrade when running at WARNING
     request = handler.request
     access_log.log(
         level,

@@ -77,13 +77,16 @@ class TokenVerifier:
         if cfg.ecdsa_public_key:
             self._keys[ECDSA_ALG] = cfg.ecdsa_public_key
 
+        self._single: tuple[str, Any] | None = None
+        if len(self._keys) == 1:
+            self._single = next(iter(self._keys.items()))
+
     @property
     def algorithms(self) -> tuple[str, ...]:
         return tuple(self._keys)
 
-    def _decode(self, token: str) -> dict[str, Any]:
-        if not token:
-            raise TokenError("empty token")
+    def _key_for(self, token: str) -> tuple[str, Any]:
+        """The configured algorithm and key the token's header names. Raises ``TokenError``."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.InvalidTokenError as exc:
@@ -92,6 +95,18 @@ class TokenVerifier:
         key = self._keys.get(alg) if isinstance(alg, str) else None
         if key is None or not isinstance(alg, str):
             raise TokenError(f"algorithm {alg!r} not allowed")
+        return alg, key
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        if not token:
+            raise TokenError("empty token")
+        if self._single is not None:
+            # One key configured (the usual case): PyJWT refuses every other
+            # algorithm itself, so the header is parsed a second time only to
+            # name the algorithm of a refused token.
+            alg, key = self._single
+        else:
+            alg, key = self._key_for(token)
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -104,6 +119,13 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise TokenError("token expired", expired=True) from None
+        except jwt.InvalidAlgorithmError:
+            self._key_for(token)  # raises with the token's algorithm in the reason
+            raise TokenError("algorithm not allowed") from None
+        except jwt.InvalidSignatureError as exc:
+            raise TokenError(f"invalid token: {exc}") from None
+        except jwt.DecodeError as exc:
+            raise TokenError(f"malformed token: {exc}") from None
         except jwt.InvalidTokenError as exc:
             raise TokenError(f"invalid token: {exc}") from None
         sub = claims.get("sub", "")

@@ -177,14 +177,33 @@ def test_hs256_signed_with_rsa_public_key_is_rejected_when_hmac_also_configured(
 
 
 def test_algorithm_without_configured_key_is_rejected(rsa_key, ec_key):
-    """Only algorithms whose key is configured are accepted (RS256/ES256/HS384 here are not)."""
+    """Only algorithms whose key is configured are accepted (RS256/ES256/HS384 here are
+    not), and the reason names the token's algorithm."""
     v = verifier()
-    for token in (
-        jwt.encode({"sub": "x"}, rsa_key, algorithm="RS256"),
-        jwt.encode({"sub": "x"}, ec_key, algorithm="ES256"),
-        jwt.encode({"sub": "x"}, SECRET + "-longer-for-hs384-0123456789", algorithm="HS384"),
+    hs384_key = SECRET + "-longer-for-hs384-0123456789"
+    for alg, token in (
+        ("RS256", jwt.encode({"sub": "x"}, rsa_key, algorithm="RS256")),
+        ("ES256", jwt.encode({"sub": "x"}, ec_key, algorithm="ES256")),
+        ("HS384", jwt.encode({"sub": "x"}, hs384_key, algorithm="HS384")),
     ):
-        assert "not allowed" in refused(v, token).reason
+        assert refused(v, token).reason == f"algorithm {alg!r} not allowed"
+
+
+def test_refusal_reasons_do_not_depend_on_how_many_keys_are_configured(rsa_key, ec_key):
+    """One key (PyJWT refuses other algorithms itself) or several (the header picks the
+    key): the same token gets the same reason."""
+    one = verifier()
+    two = verifier(rsa_public_key=pem_public(rsa_key))
+    cases = [
+        ("abc", "malformed token: "),
+        ("eyJhbGciOiJIUzI1NiJ9.x.y", "malformed token: "),
+        (hs256({"sub": "a"}, OTHER_SECRET), "invalid token: Signature verification failed"),
+        (jwt.encode({"sub": "x"}, ec_key, algorithm="ES256"), "algorithm 'ES256' not allowed"),
+        (hs256({"sub": "a", "exp": int(time.time()) - 3600}), "token expired"),
+    ]
+    for token, reason in cases:
+        for v in (one, two):
+            assert refused(v, token).reason.startswith(reason), (v.algorithms, token)
 
 
 def test_wrong_hmac_secret_is_rejected():

@@ -61,26 +61,35 @@ def command(cmd_id: int, method: str, params: dict[str, Any] | None = None) -> b
 class TcpClient:
     """A WebSocket client over a raw socket: sends any bytes, reads server frames."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.head = head  # the server's 101 response, status line and headers
 
     @classmethod
-    async def open(cls, sq: RunningSquall) -> TcpClient:
+    async def open(cls, sq: RunningSquall, *, key: str = "", extra: str = "") -> TcpClient:
+        """Handshake with ``key`` (random by default) and ``extra`` header lines."""
         reader, writer = await asyncio.open_connection("127.0.0.1", sq.port)
         writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        key = base64.b64encode(os.urandom(16)).decode()
+        key = key or base64.b64encode(os.urandom(16)).decode()
         writer.write(
             (
                 "GET /connection/websocket HTTP/1.1\r\n"
                 f"Host: 127.0.0.1:{sq.port}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
             ).encode()
         )
-        status = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-        assert status.startswith(b"HTTP/1.1 101"), status
-        return cls(reader, writer)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer, head)
+
+    def headers(self) -> dict[str, str]:
+        """The 101 response's headers, names lower-cased."""
+        lines = self.head.decode().split("\r\n")[1:]
+        return {k.lower(): v for k, _, v in (line.partition(": ") for line in lines if line)}
 
     async def send(self, data: bytes, *, pieces: int = 1) -> None:
         """Write ``data`` in ``pieces`` separate segments (1 = one write)."""
@@ -149,8 +158,8 @@ def tcp(io_loop: Any) -> Iterator[Any]:
     """``c = await tcp(sq)`` opens a ``TcpClient``; every one is closed after the test."""
     opened: list[TcpClient] = []
 
-    async def factory(sq: RunningSquall) -> TcpClient:
-        c = await TcpClient.open(sq)
+    async def factory(sq: RunningSquall, **handshake: str) -> TcpClient:
+        c = await TcpClient.open(sq, **handshake)
         opened.append(c)
         return c
 
@@ -168,6 +177,35 @@ async def delivered(ok: Bystander, data: Any) -> None:
     push = await ok.client.next_push()
     assert push["push"]["pub"]["data"] == data
     await ok.still_works()
+
+
+async def test_handshake_answer_is_the_one_rfc6455_asks_for(squall, tcp):
+    """The 101 answer carries the upgrade headers and the accept value derived from the
+    client's key (RFC 6455 section 1.3's own example), no subprotocol or extension
+    nobody offered, and the upgrade is in the access log."""
+    sq, ok = await server_and_bystander(squall)
+    with expect_log("tornado.access", r"^101 GET /connection/websocket "):
+        c = await tcp(sq, key="dGhlIHNhbXBsZSBub25jZQ==")
+    assert c.head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n"), c.head
+    headers = c.headers()
+    assert headers["upgrade"].lower() == "websocket"
+    assert headers["connection"].lower() == "upgrade"
+    assert headers["sec-websocket-accept"] == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    assert "sec-websocket-protocol" not in headers
+    assert "sec-websocket-extensions" not in headers
+    await c.connect()
+    await ok.still_works()
+
+
+async def test_handshake_offering_subprotocols_connects_without_one(squall, tcp):
+    """Subprotocols offered by a client (the JSON protocol names none) are not selected,
+    and the connection speaks the protocol as usual."""
+    sq = await squall()
+    c = await tcp(sq, extra="Sec-WebSocket-Protocol: centrifuge-json, chat\r\n")
+    headers = c.headers()
+    assert "sec-websocket-protocol" not in headers
+    assert headers["sec-websocket-accept"]
+    await c.connect()
 
 
 async def test_frames_cut_at_every_byte_are_reassembled(squall, tcp):
