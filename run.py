@@ -106,9 +106,7 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then drain within ``server.shutdown_timeout``."""
-    from tornado.httpserver import HTTPServer
-
-    from server.app import make_app
+    from server.app import make_app, make_server
     from server.engines import make_engines
 
     node_id = uuid.uuid4().hex
@@ -121,7 +119,7 @@ async def serve(config: Config) -> None:
     if not config.api.key:
         log.warning("api.key is empty: the server API refuses every request")
     await hub.start()
-    server = HTTPServer(app, max_body_size=config.api.max_body_bytes, xheaders=True)
+    server = make_server(app, config)
     # A deep accept backlog: reconnect storms (every client of a stopped node at
     # once) must not overflow it. The kernel caps it at net.core.somaxconn.
     server.listen(config.server.port, address=config.server.host, backlog=LISTEN_BACKLOG)

@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 import tornado.web
-from tornado.http1connection import HTTP1Connection
 
+from handlers.body import BoundedBody
 from server import codes
 from server.broker import StreamPosition
 from server.errors import ClientError
@@ -291,23 +291,19 @@ METHODS: dict[str, ApiMethod] = {
     )
 }
 MAX_BATCH = 1000
-MAX_DISCARD_BYTES = 64 * 1024 * 1024  # oversize bodies up to this are read and dropped (413)
 
 
 @tornado.web.stream_request_body
-class ApiHandler(tornado.web.RequestHandler):
+class ApiHandler(BoundedBody):
     """The body is streamed so that the key and the size are checked from the headers.
 
     An unauthorized request is answered (401) without reading its body. An
-    oversize one is read and dropped (up to ``MAX_DISCARD_BYTES``) before the
-    413, because a client still sending its body would otherwise see a reset.
+    oversize one is read and dropped before the 413 (``handlers.body``).
     """
 
     def initialize(self, hub: Hub) -> None:
         self.hub = hub
         self.api = Api(hub)
-        self._body = bytearray()
-        self._too_large = False
 
     def check_xsrf_cookie(self) -> None:
         return None
@@ -336,23 +332,8 @@ class ApiHandler(tornado.web.RequestHandler):
             )
             await self._reply(401, {"error": codes.UNAUTHORIZED.to_dict()})
             return
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > self.hub.config.api.max_body_bytes:
-            self._too_large = True
-            connection = self.request.connection
-            if int(length) <= MAX_DISCARD_BYTES and isinstance(connection, HTTP1Connection):
-                connection.set_max_body_size(int(length))  # dropped in data_received
-            else:
-                await self._too_large_reply()
-
-    def data_received(self, chunk: bytes) -> None:
-        if self._too_large:
-            return
-        if len(self._body) + len(chunk) > self.hub.config.api.max_body_bytes:
-            self._too_large = True  # a chunked body without Content-Length; refused in post
-            self._body.clear()
-        else:
-            self._body += chunk
+        if not self.limit_body(self.hub.config.api.max_body_bytes):
+            await self._too_large_reply()
 
     async def _too_large_reply(self) -> None:
         log.info(
@@ -363,10 +344,10 @@ class ApiHandler(tornado.web.RequestHandler):
         await self._reply(413, {"error": codes.LIMIT_EXCEEDED.to_dict("request body too large")})
 
     async def post(self, method: str) -> None:
-        if self._too_large:
+        if self.too_large:
             await self._too_large_reply()
             return
-        body = bytes(self._body)
+        body = self.body
         try:
             params = orjson.loads(body) if body else {}
         except orjson.JSONDecodeError:

@@ -42,6 +42,7 @@ from typing import Any, Final
 import orjson
 import tornado.web
 
+from handlers.body import BoundedBody
 from server import codes
 from server.auth import Credentials, TokenError, TokenVerifier, claim_globs_match
 from server.broker import ClientInfo
@@ -138,7 +139,12 @@ class TelemetryHandler(tornado.web.RequestHandler):
         return creds, claim
 
 
-class TelemetryIngestHandler(TelemetryHandler):
+@tornado.web.stream_request_body
+class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
+    async def prepare(self) -> None:
+        if not self.limit_body(self.hub.config.api.max_body_bytes):
+            await self.refuse(Refused(codes.LIMIT_EXCEEDED, "request body too large"))
+
     async def post(self) -> None:
         try:
             await self._ingest()
@@ -152,10 +158,10 @@ class TelemetryIngestHandler(TelemetryHandler):
         ns, opts = self.namespace()
         if opts is None:
             raise Refused(codes.UNKNOWN_CHANNEL, f"telemetry namespace {ns!r} is not configured")
-        if len(self.request.body) > self.hub.config.api.max_body_bytes:
+        if self.too_large:
             raise Refused(codes.LIMIT_EXCEEDED, "request body too large")
         try:
-            data = orjson.loads(self.request.body)
+            data = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             raise Refused(codes.BAD_REQUEST, "invalid JSON") from None
         channel = f"{ns}:{creds.user}"

@@ -1,10 +1,12 @@
-"""Application assembly: ``make_app(config, engines)`` -> (Application, Hub). No I/O at import."""
+"""Application assembly: ``make_app(config, engines)`` -> (Application, Hub), and
+``make_server``. No I/O at import."""
 
 from __future__ import annotations
 
 import logging
 
 import tornado.web
+from tornado.httpserver import HTTPServer
 
 from server.auth import TokenVerifier
 from server.config import Config
@@ -34,6 +36,15 @@ def make_app(
         log_function=log_request,
     )
     return app, hub
+
+
+def make_server(app: tornado.web.Application, config: Config) -> HTTPServer:
+    """The HTTP server for ``app`` (not listening yet)."""
+    return HTTPServer(
+        app,
+        max_body_size=config.api.max_body_bytes,
+        xheaders=config.server.trust_proxy_headers,
+    )
 
 
 access_log = logging.getLogger("tornado.access")

@@ -79,6 +79,10 @@ class ServerConfig:
     name: str = ""  # node name shown in info; empty = host:port
     shutdown_timeout: float = 30.0  # seconds to drain on SIGTERM/SIGINT before exiting
     gc_freeze: bool = True  # freeze start-up objects and raise GC thresholds (latency)
+    # Take the client's address from X-Real-IP / X-Forwarded-For (and the scheme from
+    # X-Scheme / X-Forwarded-Proto): only behind a proxy that sets them, since any
+    # client can send them.
+    trust_proxy_headers: bool = False
     node_heartbeat_interval: float = 5.0  # seconds between this node's info broadcasts (`info`)
     node_expiry: float = 20.0  # seconds without a heartbeat before a node leaves `info`
 

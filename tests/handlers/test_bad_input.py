@@ -9,6 +9,7 @@ INFO line it must produce (STYLE.md 24).
 from __future__ import annotations
 
 import base64
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -567,6 +568,17 @@ async def test_api_key_in_authorization_header_works(squall):
     assert (status, body) == (200, {"result": {"offset": 0, "epoch": ""}})
     push = await ok.client.next_push()
     assert push["push"]["pub"]["data"] == {"from": "api"}
+
+
+@pytest.mark.parametrize(("trusted", "logged"), [(False, "127.0.0.1"), (True, "203.0.113.9")])
+async def test_logged_address_comes_from_proxy_headers_only_when_trusted(squall, trusted, logged):
+    """Any client can send X-Real-IP: the address it names is what the logs show only
+    with ``server.trust_proxy_headers`` (Squall behind a proxy that sets it)."""
+    sq = await squall(**{"server.trust_proxy_headers": trusted})
+    headers = {"X-API-Key": "wrong", "X-Real-IP": "203.0.113.9"}
+    with expect_log("squall.api", rf"api request refused: .* remote={re.escape(logged)}$"):
+        status, _ = await api_call(sq, "publish", PUBLISH, headers)
+    assert status == 401
 
 
 async def test_api_refuses_everything_when_key_is_empty(squall):

@@ -344,8 +344,25 @@ async def test_http_ingest_bad_bodies(squall):
 async def test_http_ingest_body_limit_and_missing_namespace(squall):
     """A body over api.max_body_bytes is 413; without the telemetry namespace ingest is 404."""
     sq = await squall(**{"api.max_body_bytes": 200})
-    code, _, _ = await post_points(sq, "d1", [{"values": {"v": i}} for i in range(30)])
-    assert code == 413
+    code, body, _ = await post_points(sq, "d1", [{"values": {"v": i}} for i in range(30)])
+    assert (code, body["error"]["code"]) == (413, 106)
+
+    async def chunks(write: Any) -> None:  # no Content-Length: the size shows while reading
+        await write(b"[")
+        for i in range(30):
+            await write(orjson.dumps({"values": {"v": i}}) + b",")
+        await write(b'{"values": {"v": 0}}]')
+
+    resp = await tornado.httpclient.AsyncHTTPClient().fetch(
+        f"{sq.http_url}/api/telemetry",
+        method="POST",
+        body_producer=chunks,
+        headers={"Authorization": f"Bearer {device_token('d1')}"},
+        raise_error=False,
+    )
+    assert (resp.code, orjson.loads(resp.body)["error"]["code"]) == (413, 106)
+    code, body, _ = await post_points(sq, "d1", {"values": {"v": 1}})  # a small one still goes in
+    assert (code, body) == (202, {"accepted": 1, "rejected": []})
     other = await squall(**{"telemetry.namespace": "nope"})
     code, body, _ = await post_points(other, "d1", {"values": {"v": 1}})
     assert (code, body["error"]["code"]) == (404, 102)

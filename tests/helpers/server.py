@@ -30,7 +30,7 @@ import tornado.websocket
 from tornado.httpserver import HTTPServer
 
 from server import codes
-from server.app import make_app
+from server.app import make_app, make_server
 from server.auth import make_token
 from server.config import config_from_dict
 from server.engines import make_engines
@@ -241,7 +241,7 @@ def squall(io_loop: Any) -> Iterator[Any]:
         engines = make_engines(config, node_id="")
         app, hub = make_app(config, engines)
         await hub.start()
-        server = HTTPServer(app)
+        server = make_server(app, config)
         server.listen(port, address="127.0.0.1")
         sq = RunningSquall(hub, server, port)
         running.append(sq)
