@@ -5,7 +5,8 @@
     python run.py token --sub USER [--ttl SECONDS] [--channel CH] [--info JSON] [--channels A,B]
                         [--device] [--devices 'GLOB[,GLOB]']
 
-Exit codes: 0 after a clean shutdown, 2 for invalid configuration or arguments.
+Exit codes: 0 after a clean shutdown, 1 when an engine cannot start (a line on
+stderr says why), 2 for invalid configuration or arguments.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 from server import codes
 from server.config import Config, load_config
-from server.errors import ConfigError
+from server.errors import ConfigError, EngineError
 
 log = logging.getLogger("squall")
 
@@ -73,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return print_token(config, args)
-    asyncio.run(serve(config))
+    try:
+        asyncio.run(serve(config))
+    except EngineError as exc:  # an engine refused to start (e.g. MongoDB unreachable)
+        print(f"squall: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

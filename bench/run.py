@@ -872,10 +872,16 @@ def drop_database(url: str, name: str) -> None:
 
 
 def stored_points(url: str, db: str, server_key: str) -> int:
-    """Points stored in MongoDB: documents of the baseline's and of Squall's point collection."""
-    collection = BASELINE_POINTS if server_key == "insert_one" else POINTS
+    """Points stored in MongoDB: the baseline's documents (one per point), or the distinct
+    ``(device, ts)`` of Squall's chunks (a point stored in two chunks counts once, as
+    Squall's reads count it)."""
     with mongo_client(url) as client:
-        return int(client[db][collection].count_documents({}))
+        if server_key == "insert_one":
+            return int(client[db][BASELINE_POINTS].count_documents({}))
+        seen: set[tuple[str, int]] = set()
+        for chunk in client[db][POINTS].find({}, {"_id": 0, "d": 1, "ts": 1}):
+            seen.update((chunk["d"], int(ts)) for ts in chunk.get("ts") or ())
+        return len(seen)
 
 
 def written_counter(run: Running) -> tuple[int, int, str] | None:
@@ -1630,7 +1636,8 @@ def render_telemetry(
     if mongo:
         w(
             "Squall stores points through its batched write-behind path (a queue, then one "
-            "unordered insert of up to `telemetry.batch_size` point documents); the baseline "
+            "unordered insert of up to `telemetry.batch_size` points, as one chunk document "
+            "per device and bucket); the baseline "
             "(`peers/telemetry_insert_one.py`) "
             f"awaits one `insert_one` per point before it answers. {ramp_text} "
             "**Persistence**: one step at the median max accepted rate of the ramp, "
@@ -1638,8 +1645,9 @@ def render_telemetry(
             "points whose write MongoDB acknowledged (Squall: `points_written` of `/ready`; the "
             "baseline: `/stats`) is sampled every 0.1 s until it has not moved for 1 s with "
             f"nothing queued (at most {prof.persist_wait:g} s after the step), and the points "
-            "are counted in MongoDB before and after the step (the documents of Squall's "
-            "`telemetry_points` and of the baseline's `points`). Persisted points/s = points "
+            "are counted in MongoDB before and after the step (the distinct points of Squall's "
+            "chunks in `telemetry_points`, the documents of the baseline's `points`). "
+            "Persisted points/s = points "
             "stored / (time from the step's start to the last increase).\n"
         )
         if base_note:

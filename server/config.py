@@ -181,7 +181,7 @@ class TelemetryConfig:
     retention_interval: float = 60.0  # seconds between retention passes
     online_timeout: float = 30.0  # seconds since last_seen within which a device is "online"
     max_query_steps: int = 2000  # steps one telemetry query may return; more -> 400
-    points_collection: str = "telemetry_points"  # MongoDB collection of points (one per point)
+    points_collection: str = "telemetry_points"  # MongoDB collection of point chunks
     collection: str = "telemetry_buckets"  # MongoDB collection of bucket summaries
     devices_collection: str = "devices"  # MongoDB collection of devices (last seen/values)
     queue_size: int = 100_000  # points accepted but not yet written; full -> error 1001 / 503

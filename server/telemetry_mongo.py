@@ -5,12 +5,18 @@ with ``mongodb.driver: motor``), backoff and URL redaction; it opens its own
 client (connection pool) from the same ``mongodb`` settings.
 
 Documents
-    Collection ``telemetry.points_collection``, one per point, the source of truth::
+    Collection ``telemetry.points_collection`` holds the points, the source of
+    truth, in *chunks*: the points of one device in one bucket that one write
+    carried, in ``ts`` order, with one array per metric (``null`` where a point
+    lacks that metric)::
 
-        {_id: "<device>/<ts>", d: str, t: int64, v: {<metric key>: double}}
+        {_id: "<device>/<bucket start>/<first ts>/<digest>", d: str, b: int64,
+         w: int64,                                 # write time (ms), orders duplicates
+         n: int, ts: [int64, ...], v: {<metric key>: [double | null, ...]}}
 
-    Collection ``telemetry.collection``, one *summary* per device per bucket,
-    written once the bucket is closed (see Sealing)::
+    ``digest`` is a hash of the chunk's ``ts`` list. Collection
+    ``telemetry.collection``, one *summary* per device per bucket, written
+    once the bucket is closed (see Sealing)::
 
         {_id: "<device>/<bucket start ms>", device: str, start: int64, end: int64,
          n: int,                                   # points in the bucket
@@ -23,34 +29,42 @@ Documents
     Metric names may contain ``.``, which field names may not (FerretDB
     refuses them); a *metric key* is the name with ``.`` written as ``:``
     (a character metric names cannot contain, so the mapping is reversible).
-    Ids end with ``/<digits>``: splitting at the last ``/`` gives the device
-    back, whatever characters the device id has.
+    Device ids may contain ``/``: ids are split from the right.
 
-Why insert-only
-    Every point is one insert, and the ``_id`` makes it exactly-once: a point
-    sent again (a device retrying a frame, a batch re-sent after a lost
-    acknowledgement, another node) is a duplicate key, which means "already
-    stored". Inserts are what every MongoDB-compatible server does fast: on
-    FerretDB v1 (SQLite) an update or a delete by ``_id`` costs time in
-    proportion to the collection's size (about 20 ms at 2 000 documents) while
-    an insert costs about 40 µs per document, so the earlier layout (one
-    read-modify-write upsert per bucket per flush) persisted about 60 points/s
-    there. On MongoDB the point documents are larger than points packed in a
-    bucket, the price of writes that never read.
+Why chunks, and only inserts
+    Inserts are what every MongoDB-compatible server does fast: on FerretDB v1
+    (SQLite) an update or a delete by ``_id`` costs time in proportion to the
+    collection's size (about 20 ms at 2 000 documents), so the first layout
+    (one read-modify-write upsert per bucket per flush) persisted about 60
+    points/s there. One document per point then took about 10 000 points/s
+    on one core of FerretDB, most of it per-document cost; chunks of ten
+    points take about 58 000. On MongoDB chunks also mean fewer, smaller
+    documents and index entries.
+
+Each point counts once
+    A point sent again (a device retrying a frame, a batch sent again after a
+    lost acknowledgement, another node) must not count twice. A chunk whose
+    ``ts`` list was stored already has the same ``_id``, and the insert's
+    duplicate key means "already stored"; that covers a batch sent again
+    whole. A point that comes back in a chunk of other points is stored a
+    second time, and every read (queries, summaries) counts each ``(device,
+    ts)`` once, with the values of the chunk written first (lowest ``w``,
+    then ``_id``: every node picks the same). Points still queued here are
+    never queued twice.
 
 Write path
     ``add`` queues points (bounded by ``telemetry.queue_size`` points;
     ``StoreFullError`` beyond) and updates an in-memory device cache. One
     flusher task takes up to ``telemetry.batch_size`` points once that many
     wait or the oldest has waited ``telemetry.flush_interval`` and inserts them
-    unordered (both servers go on after a duplicate and report every error).
-    Duplicates count as stored; a point the server refuses outright is dropped
-    and logged at ERROR, as in ``MongoStore``. Any other failure keeps the batch
-    queued, marks the store not ready and retries with capped, jittered
-    backoff. A write that times out may still be running on the server, and the
-    same amount of work would time out again: batches (and device updates per
-    write) shrink by half, and grow back by a quarter after each write that
-    succeeds.
+    as chunks, unordered (both servers go on after a duplicate and report every
+    error). A duplicate chunk counts as stored; a chunk the server refuses
+    outright is dropped with its points and logged at ERROR, as in
+    ``MongoStore``. Any other failure keeps the batch queued, marks the store
+    not ready and retries with capped, jittered backoff. A write that times
+    out may still be running on the server, and the same amount of work would
+    time out again: batches (and device updates per write) shrink by half, and
+    grow back by a quarter after each write that succeeds.
 
     Device documents are upserted (``$max`` of ``last_seen``, ``$set`` of the
     last values merged per metric by ``ts`` in the cache; the first time this
@@ -66,7 +80,7 @@ Write path
 Sealing
     A bucket can receive points (on time) until ``max_skew`` after its end: the
     hub refuses older ones. ``SEAL_GRACE`` later, the node that wrote points
-    into it reads the bucket's points back and writes its summary: an insert,
+    into it reads the bucket's chunks back and writes its summary: an insert,
     or, when a summary is there already, a replace only if it counts fewer
     points (points are never removed but by retention, so more is newer; two
     nodes sealing the same bucket end with the complete summary). Points that
@@ -80,12 +94,12 @@ Read path
     ``query`` reads the per-metric summaries of the buckets in range
     (projection ``s.<key>``) and uses those of buckets wholly inside one step
     with no points still queued here; for every other stretch of the range it
-    reads the points (projection ``t``, ``v.<key>``) and merges the queued ones
-    by ``ts``, so nothing is counted twice. ``devices`` merges the collection
-    with the cache.
+    reads the chunks of its buckets (projection ``ts``, ``v.<key>``, ``w``),
+    counts each ``ts`` once and merges the queued points by ``ts``. ``devices``
+    merges the collection with the cache.
 
 Retention
-    A background pass every ``telemetry.retention_interval`` deletes the points
+    A background pass every ``telemetry.retention_interval`` deletes the chunks
     and summaries of buckets whose end is older than ``retention_days``, and
     devices not seen for that long (no TTL indexes: FerretDB v1 has none), in
     chunks of ``RETAIN_CHUNK`` ids (FerretDB v1 fails one command deleting more
@@ -96,12 +110,14 @@ Retention
 
 from __future__ import annotations
 
+import array
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -124,8 +140,8 @@ from server.telemetry_store import (
 
 log = logging.getLogger("squall.telemetry.mongo")
 
-POINT_INDEX: Final = "device_ts"
-POINT_TS_INDEX: Final = "ts"
+CHUNK_INDEX: Final = "device_bucket"
+CHUNK_BUCKET_INDEX: Final = "bucket"
 BUCKET_INDEX: Final = "device_start"
 END_INDEX: Final = "end"
 SEEN_INDEX: Final = "last_seen"
@@ -148,8 +164,50 @@ def bucket_id(device: str, start: int) -> str:
     return f"{device}/{start}"
 
 
-def point_id(device: str, ts: int) -> str:
-    return f"{device}/{ts}"
+def chunk_id(device: str, b: int, ts: Sequence[int]) -> str:
+    """The id of the chunk of ``device`` in bucket ``b`` holding exactly ``ts`` (ascending)."""
+    digest = hashlib.blake2b(array.array("q", ts).tobytes(), digest_size=8).hexdigest()
+    return f"{device}/{b}/{ts[0]}/{digest}"
+
+
+def chunk_bucket(cid: str) -> tuple[str, int]:
+    """(device, bucket start) of a chunk id (device ids may contain ``/``)."""
+    device, b, _, _ = cid.rsplit("/", 3)
+    return device, int(b)
+
+
+def chunk_doc(device: str, b: int, points: Sequence[Point], written: int) -> dict[str, Any]:
+    """The chunk document of ``points`` (one device, bucket ``b``, distinct ``ts``)."""
+    ordered = sorted(points, key=lambda p: p.ts)
+    ts = [p.ts for p in ordered]
+    values: dict[str, list[float | None]] = {}
+    for i, point in enumerate(ordered):
+        for metric, value in point.values.items():
+            column = values.get(metric)
+            if column is None:
+                column = values[metric] = [None] * len(ordered)
+            column[i] = value
+    return {
+        "_id": chunk_id(device, b, ts),
+        "d": device,
+        "b": b,
+        "w": written,
+        "n": len(ts),
+        "ts": ts,
+        "v": {metric_key(m): column for m, column in values.items()},
+    }
+
+
+def chunk_points(chunks: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any], int]]:
+    """``(ts, chunk, index)`` for each point of ``chunks``, each ``ts`` once: from the
+    chunk written first (lowest ``w``, then ``_id``), so every reader picks the same."""
+    seen: set[int] = set()
+    for chunk in sorted(chunks, key=lambda c: (int(c.get("w", 0)), str(c["_id"]))):
+        for i, ts in enumerate(chunk.get("ts") or ()):
+            ts = int(ts)
+            if ts not in seen:
+                seen.add(ts)
+                yield ts, chunk, i
 
 
 @dataclass(slots=True)
@@ -222,11 +280,23 @@ class MongoTelemetryStore:
         self._client = _Client(self._mongo)
         try:
             points, buckets, devices = self._colls()
-            await points.create_index([("d", 1), ("t", 1)], name=POINT_INDEX)
-            await points.create_index([("t", 1)], name=POINT_TS_INDEX)
+            legacy = await points.find_one({}, {"ts": 1, "t": 1})
+            if legacy is not None and "ts" not in legacy:
+                raise _LegacyLayout()
+            await points.create_index([("d", 1), ("b", 1)], name=CHUNK_INDEX)
+            await points.create_index([("b", 1)], name=CHUNK_BUCKET_INDEX)
             await buckets.create_index([("device", 1), ("start", 1)], name=BUCKET_INDEX)
             await buckets.create_index([("end", 1)], name=END_INDEX)
             await devices.create_index([("last_seen", 1)], name=SEEN_INDEX)
+        except _LegacyLayout:
+            await self._client.close()
+            self._client = None
+            raise EngineError(
+                f"telemetry store: collection {self._cfg.points_collection!r} holds points "
+                "in the one-document-per-point layout of earlier Squall versions, which this "
+                "version does not read; set telemetry.points_collection to a new collection "
+                "(or rename the old one) and start again"
+            ) from None
         except Exception as exc:
             await self._client.close()
             self._client = None
@@ -358,17 +428,20 @@ class MongoTelemetryStore:
             stretches.append((lo, end))
         stored: set[int] = set()
         for lo, hi in stretches:
-            found = await self._run(
+            b_lo, b_hi = bucket_range(lo, hi, self._bucket_ms)
+            chunks = await self._run(
                 points.find(
-                    {"d": device, "t": {"$gte": lo, "$lt": hi}}, {"_id": 0, "t": 1, f"v.{key}": 1}
+                    {"d": device, "b": {"$gte": b_lo, "$lte": b_hi}},
+                    {"ts": 1, "w": 1, f"v.{key}": 1},
                 ).to_list(None)
             )
-            for p in found:
-                ts = int(p["t"])
+            for ts, chunk, i in chunk_points(chunks):
+                if not lo <= ts < hi:
+                    continue
                 stored.add(ts)
-                value = (p.get("v") or {}).get(key)
-                if value is not None:
-                    ds.add_value(ts, float(value))
+                column = (chunk.get("v") or {}).get(key)
+                if column is not None and i < len(column) and column[i] is not None:
+                    ds.add_value(ts, float(column[i]))
         for ts, value in queued.items():
             if ts not in stored:
                 ds.add_value(ts, value)
@@ -406,9 +479,8 @@ class MongoTelemetryStore:
         first_kept = bucket_start(cutoff, self._bucket_ms)
         points, buckets, devices = self._colls()
         gone: set[str] = set()
-        for pid in await self._delete_chunked(points, {"t": {"$lt": first_kept}}):
-            device, _, ts = str(pid).rpartition("/")
-            gone.add(bucket_id(device, bucket_start(int(ts), self._bucket_ms)))
+        for cid in await self._delete_chunked(points, {"b": {"$lt": first_kept}}):
+            gone.add(bucket_id(*chunk_bucket(str(cid))))
         gone.update(map(str, await self._delete_chunked(buckets, {"end": {"$lte": cutoff}})))
         await self._delete_chunked(devices, {"last_seen": {"$lte": cutoff}})
         for key in [k for k in self._unsealed if k[1] < first_kept]:
@@ -610,53 +682,49 @@ class MongoTelemetryStore:
 
     async def _write_points(self, batch: list[_Pending]) -> None:
         _, buckets, _ = self._colls()
+        # The batch's points as chunks: one per device and bucket (a dict keeps
+        # the batch's order; ``add`` never queues a device's ts twice).
+        groups: dict[tuple[str, int], list[Point]] = {}
+        for item in batch:
+            key = (item.device, bucket_start(item.point.ts, self._bucket_ms))
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [item.point]
+            else:
+                group.append(item.point)
         # A bucket that may be sealed already loses its summary before more of its
-        # points go in: until it is sealed again, queries read its points.
-        closed = int(time.time() * 1000) - self._seal_delay_ms
-        starts = [bucket_start(item.point.ts, self._bucket_ms) for item in batch]
-        late = {
-            bucket_id(item.device, b)
-            for item, b in zip(batch, starts, strict=True)
-            if b + self._bucket_ms <= closed
-        }
+        # points go in: until it is sealed again, queries read its chunks.
+        now = int(time.time() * 1000)
+        closed = now - self._seal_delay_ms
+        late = {bucket_id(d, b) for d, b in groups if b + self._bucket_ms <= closed}
         if late:
             await buckets.delete_many({"_id": {"$in": sorted(late)}})
-        docs = [
-            {
-                "_id": point_id(item.device, item.point.ts),
-                "d": item.device,
-                "t": item.point.ts,
-                "v": {metric_key(m): v for m, v in item.point.values.items()},
-            }
-            for item in batch
-        ]
+        keys = list(groups)
+        docs = [chunk_doc(d, b, groups[d, b], now) for d, b in keys]
         errors = await self._insert(docs)
         refused: set[int] = set()
         for err in errors:
             if err.get("code") in DUPLICATE_KEY_CODES:
-                continue  # stored already
+                continue  # this very chunk is stored already
             index = int(err.get("index", 0))
             refused.add(index)
-            item = batch[index]
+            device, b = keys[index]
             # errmsg may quote the document (device data): log only the key and code.
             log.error(
-                "mongo server refused a telemetry point; dropped device=%s ts=%d code=%s",
-                item.device,
-                item.point.ts,
+                "mongo server refused a telemetry chunk; dropped device=%s bucket=%d points=%d "
+                "code=%s",
+                device,
+                b,
+                len(groups[device, b]),
                 err.get("code"),
             )
-        self._rejected += len(refused)
-        # Each bucket once per batch (a dict keeps the batch's order).
-        written = dict.fromkeys(
-            (item.device, b)
-            for index, (item, b) in enumerate(zip(batch, starts, strict=True))
-            if index not in refused
-        )
-        for device, b in written:
-            self._mark_unsealed(device, b)
+            self._rejected += len(groups[device, b])
+        for index, (device, b) in enumerate(keys):
+            if index not in refused:
+                self._mark_unsealed(device, b)
 
     async def _insert(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Insert point documents unordered; returns the write errors (duplicates among them).
+        """Insert chunk documents unordered; returns the write errors (duplicates among them).
 
         Both servers go on after an error and report every failed document.
 
@@ -771,30 +839,32 @@ class MongoTelemetryStore:
     # -- sealing ---------------------------------------------------------------
 
     async def _summarize(self, device: str, b: int) -> dict[str, Any] | None:
-        """The summary document of one bucket, from its stored points (None: no points)."""
+        """The summary document of one bucket, from its stored chunks (None: no points)."""
         points, _, _ = self._colls()
-        found = await self._run(
-            points.find(
-                {"d": device, "t": {"$gte": b, "$lt": b + self._bucket_ms}},
-                {"_id": 0, "v": 1},
-            ).to_list(None)
+        chunks = await self._run(
+            points.find({"d": device, "b": b}, {"ts": 1, "w": 1, "v": 1}).to_list(None)
         )
-        if not found:
-            return None
         stats: dict[str, MetricStats] = {}
-        for p in found:
-            for key, value in (p.get("v") or {}).items():
+        n = 0
+        for _, chunk, i in chunk_points(chunks):
+            n += 1
+            for key, column in (chunk.get("v") or {}).items():
+                value = column[i] if i < len(column) else None
+                if value is None:
+                    continue
                 cur = stats.get(key)
                 if cur is None:
                     stats[key] = MetricStats.of(float(value))
                 else:
                     cur.add(float(value))
+        if not n:
+            return None
         return {
             "_id": bucket_id(device, b),
             "device": device,
             "start": b,
             "end": b + self._bucket_ms,
-            "n": len(found),
+            "n": n,
             "s": {
                 key: {"min": s.min, "max": s.max, "sum": s.sum, "n": s.count}
                 for key, s in stats.items()
@@ -836,6 +906,10 @@ class MongoTelemetryStore:
                 continue
             if deleted:
                 log.debug("telemetry retention deleted buckets=%d", deleted)
+
+
+class _LegacyLayout(Exception):
+    """The points collection holds documents of the one-document-per-point layout."""
 
 
 def _is_timeout(exc: BaseException) -> bool:

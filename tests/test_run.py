@@ -12,6 +12,7 @@ import orjson
 import pytest
 import tornado.websocket
 import yaml
+from pymongo import MongoClient
 
 from tests.helpers.process import ProcessGroup, SquallProcess, http_get, run_cli
 from tests.helpers.server import SECRET, RawClient, token
@@ -138,3 +139,27 @@ def test_squall_port_env_overrides_the_config_port(procs):
     assert status == 200
     assert orjson.loads(body)["status"] == "ok"
     assert proc.stop() == 0
+
+
+def test_engine_that_cannot_start_exits_1_with_one_line_saying_why(tmp_path, mongo_url):
+    """A telemetry points collection of the old one-document-per-point layout stops the
+    start-up with exit 1 and one line saying what to change, not a traceback."""
+    database = f"legacy{int(time.time() * 1000)}"
+    client: MongoClient[dict[str, object]] = MongoClient(mongo_url)
+    try:
+        old = {"_id": "pump-1/1717000020123", "d": "pump-1", "t": 1717000020123, "v": {"p": 1.0}}
+        client[database]["telemetry_points"].insert_one(old)
+        path = tmp_path / "mongo.yaml"
+        path.write_text(
+            yaml.safe_dump({"mongodb": {"url": mongo_url, "database": database}}),
+            encoding="utf-8",
+        )
+        result = run_cli(["--config", str(path), "--port", str(free_port())], timeout=60)
+    finally:
+        client.drop_database(database)
+        client.close()
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("squall: cannot start: telemetry store: collection 'telemetry_points'")
+    assert "telemetry.points_collection" in last
+    assert "Traceback" not in result.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +27,9 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from server.config import TelemetryConfig
+from server.errors import EngineError
 from server.telemetry_memory import MemoryTelemetryStore
-from server.telemetry_mongo import MongoTelemetryStore
+from server.telemetry_mongo import MongoTelemetryStore, chunk_id
 from server.telemetry_store import MS_PER_DAY, Point, StepStats, TelemetryStore
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config
@@ -244,27 +246,54 @@ async def stored(url: str, database: str, collection: str) -> list[dict[str, Any
         await client.close()
 
 
-async def test_mongo_stores_each_point_once_and_seals_exact_bucket_summaries(
+def chunk_points(chunks: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Every stored ``(device, ts)``, as often as it is stored."""
+    return sorted((c["d"], ts) for c in chunks for ts in c["ts"])
+
+
+async def test_mongo_stores_points_in_chunks_and_counts_each_once(
     mongo_url, unique_prefix, mongo_kind
 ):
-    """One document per point (a retry adds none); sealing writes one exact summary per
-    device and bucket; the device document holds last seen and last values."""
+    """One chunk per device and bucket per write, with a column per metric (null where a
+    point lacks it); a chunk sent again adds nothing, a point sent again in another chunk
+    counts once everywhere; sealing writes one exact summary per device and bucket; the
+    device document holds last seen and last values."""
     store = make_store(mongo_kind, mongo_url, unique_prefix)
     await store.start()
+    query = ("dev/1", "t.c", T0, T0 + 2 * BUCKET_MS, 5000)
     try:
         points = [Point(T0 + i * 2500, {"t.c": float(i)}) for i in range(6)]  # 2 buckets
-        await store.add("dev/1", points, T0 + 99)
-        await store.add("dev/1", points[:3], T0 + 99)  # a retry
+        points[1] = Point(T0 + 2500, {"t.c": 1.0, "x": 7.0})
+        points[2] = Point(T0 + 5000, {"x": 8.0})  # no t.c
+        await store.add("dev/1", points[::-1], T0 + 99)
+        await store.add("dev/1", points[:3], T0 + 99)  # a retry while queued: not queued again
         await written(store)
         assert await stored(mongo_url, unique_prefix, CFG.collection) == []  # not sealed yet
-        stored_points = await stored(mongo_url, unique_prefix, CFG.points_collection)
-        assert len(stored_points) == 6
-        assert stored_points[1] == {
-            "_id": f"dev/1/{T0 + 2500}",
+        chunks = await stored(mongo_url, unique_prefix, CFG.points_collection)
+        assert len(chunks) == 2
+        first = next(c for c in chunks if c["b"] == T0)
+        written_at = first.pop("w")
+        assert abs(written_at - time.time() * 1000) < 60_000
+        assert first == {
+            "_id": chunk_id("dev/1", T0, [T0, T0 + 2500, T0 + 5000, T0 + 7500]),
             "d": "dev/1",
-            "t": T0 + 2500,
-            "v": {"t:c": 1.0},
+            "b": T0,
+            "n": 4,
+            "ts": [T0, T0 + 2500, T0 + 5000, T0 + 7500],
+            "v": {"t:c": [0.0, 1.0, None, 3.0], "x": [None, 7.0, 8.0, None]},
         }
+        want = [(T0, 0.0, 1.0, 0.5, 2), (T0 + 5000, 3.0, 3.0, 3.0, 1)]
+        want += [(T0 + BUCKET_MS, 4.0, 5.0, 4.5, 2)]
+        assert flat(await store.query(*query)) == want
+        # Sent again once written: the second bucket's chunk as it was (the same _id:
+        # nothing new), and three points of the first bucket in a chunk of their own.
+        await store.add("dev/1", points[4:], T0 + 99)
+        await store.add("dev/1", points[:3], T0 + 99)
+        await written(store)
+        chunks = await stored(mongo_url, unique_prefix, CFG.points_collection)
+        assert len(chunks) == 3
+        assert chunk_points(chunks).count(("dev/1", T0)) == 2  # stored twice ...
+        assert flat(await store.query(*query)) == want  # ... counted once
         # A bucket is sealed once it cannot take points on time any more.
         closes = T0 + BUCKET_MS + int((CFG.max_skew + 60) * 1000)
         assert await store.seal(closes - 1) == 0
@@ -281,7 +310,10 @@ async def test_mongo_stores_each_point_once_and_seals_exact_bucket_summaries(
             "start": T0,
             "end": T0 + BUCKET_MS,
             "n": 4,
-            "s": {"t:c": {"min": 0.0, "max": 3.0, "sum": 6.0, "n": 4}},
+            "s": {
+                "t:c": {"min": 0.0, "max": 3.0, "sum": 4.0, "n": 3},
+                "x": {"min": 7.0, "max": 8.0, "sum": 15.0, "n": 2},
+            },
         },
         {
             "_id": f"dev/1/{T0 + BUCKET_MS}",
@@ -296,7 +328,7 @@ async def test_mongo_stores_each_point_once_and_seals_exact_bucket_summaries(
     assert device == {
         "_id": "dev/1",
         "last_seen": T0 + 99,
-        "last": {"t:c": {"v": 5.0, "t": T0 + 12500}},
+        "last": {"t:c": {"v": 5.0, "t": T0 + 12500}, "x": {"v": 8.0, "t": T0 + 5000}},
     }
 
 
@@ -403,7 +435,7 @@ async def test_mongo_halves_writes_after_a_timeout_and_stores_every_point_once(
     timeouts = [1]  # the first insert times out once, after the server applied it
 
     async def insert(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        sizes.append(len(docs))
+        sizes.append(sum(doc["n"] for doc in docs))  # points, in chunks
         errors = await real_insert(docs)
         if timeouts:
             timeouts.pop()
@@ -428,9 +460,39 @@ async def test_mongo_halves_writes_after_a_timeout_and_stores_every_point_once(
     assert max(sizes) <= 8
     assert max(sizes[2:]) > 4  # grown back after successful writes
     assert 0 < max(device_sizes) <= 4  # device documents are bounded too
-    points = await stored(mongo_url, unique_prefix, cfg.points_collection)
-    assert sorted(p["_id"] for p in points) == sorted(
-        f"d{d}/{T0 + i * 5000}" for d in range(10) for i in range(4)
-    )  # every point once, none lost
+    chunks = await stored(mongo_url, unique_prefix, cfg.points_collection)
+    assert chunk_points(chunks) == sorted(
+        (f"d{d}", T0 + i * 5000) for d in range(10) for i in range(4)
+    )  # every point once (the halved retry resent whole chunks: same ids), none lost
     devices = await stored(mongo_url, unique_prefix, cfg.devices_collection)
     assert sorted(d["_id"] for d in devices) == sorted(f"d{d}" for d in range(10))
+
+
+async def test_mongo_refuses_to_start_on_points_of_the_old_layout(mongo_url, unique_prefix):
+    """A points collection written by a version storing one document per point is not
+    read silently as empty: the store refuses to start and says what to do."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_url)
+    try:
+        old = {"_id": f"d/{T0}", "d": "d", "t": T0, "v": {"v": 1.0}}
+        await client[unique_prefix][CFG.points_collection].insert_one(old)
+    finally:
+        await client.close()
+    store = make_store("mongo-pymongo", mongo_url, unique_prefix)
+    with pytest.raises(EngineError, match="one-document-per-point layout") as err:
+        await store.start()
+    assert "telemetry.points_collection" in str(err.value)
+    assert not store.status().ready
+    other = make_store(
+        "mongo-pymongo",
+        mongo_url,
+        unique_prefix,
+        dataclasses.replace(CFG, points_collection="telemetry_chunks"),
+    )
+    await other.start()  # a new collection beside the old one
+    try:
+        await other.add("d", [Point(T0, {"v": 2.0})], T0)
+        await written(other)
+        [s] = await other.query("d", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+        assert (s.count, s.max) == (1, 2.0)
+    finally:
+        await other.close()
