@@ -14,13 +14,22 @@ claim stays available as ``Credentials.claims`` (e.g. the telemetry claims
 ``subscribe_claim``).
 Channel token claims: ``sub`` (must equal the connection's user), ``channel``
 (must equal the channel subscribed), ``exp``, ``info``.
+
+Verified connection tokens are remembered (``token.cache_size`` of them, least
+recently used out first): a device posting telemetry with its token, or a
+client reconnecting with the one it had, is not verified again. The cache is
+keyed by the whole token string, signature included, so only the very bytes
+that passed are accepted again, until their ``exp`` (with the same leeway);
+``nbf`` and ``iat`` can only become more valid with time. Refused tokens are
+never remembered.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,7 +54,11 @@ class TokenError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What a valid connection token says about its holder."""
+    """What a valid connection token says about its holder.
+
+    Shared by every use of the same token (see the module docstring): treat
+    ``meta`` and ``claims`` as read-only.
+    """
 
     user: str
     exp: int = 0  # unix seconds; 0 = never expires
@@ -67,8 +80,10 @@ class TokenVerifier:
     """Verifies tokens against the configured keys. Cheap enough for the IOLoop
     (one HMAC or one RSA/ECDSA verify per connect)."""
 
-    def __init__(self, cfg: TokenConfig) -> None:
+    def __init__(self, cfg: TokenConfig, *, clock: Callable[[], float] = time.time) -> None:
         self._cfg = cfg
+        self._clock = clock
+        self._verified: OrderedDict[str, Credentials] = OrderedDict()  # token -> credentials
         self._keys: dict[str, Any] = {}
         if cfg.hmac_secret:
             self._keys[HMAC_ALG] = cfg.hmac_secret
@@ -137,7 +152,24 @@ class TokenVerifier:
         return claims
 
     def connection(self, token: str) -> Credentials:
-        """Verify a connection token. Raises ``TokenError``."""
+        """Verify a connection token (or find it verified already). Raises ``TokenError``."""
+        verified = self._verified
+        creds = verified.get(token)
+        if creds is not None:
+            # PyJWT's rule: expired once exp <= now - leeway.
+            if creds.exp and creds.exp <= self._clock() - self._cfg.leeway:
+                del verified[token]
+                raise TokenError("token expired", expired=True)
+            verified.move_to_end(token)
+            return creds
+        creds = self._verify_connection(token)
+        if self._cfg.cache_size:
+            verified[token] = creds
+            if len(verified) > self._cfg.cache_size:
+                verified.popitem(last=False)
+        return creds
+
+    def _verify_connection(self, token: str) -> Credentials:
         claims = self._decode(token)
         channels = claims.get("channels", [])
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):

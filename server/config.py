@@ -97,6 +97,7 @@ class TokenConfig:
     audience: str = ""  # when set, tokens must carry this aud
     issuer: str = ""  # when set, tokens must carry this iss
     leeway: float = 0.0  # seconds of clock skew tolerated for exp/nbf
+    cache_size: int = 10_000  # verified connection tokens remembered (LRU); 0 = verify every time
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -368,3 +368,95 @@ def test_channel_token_signed_with_wrong_key_is_rejected():
     with pytest.raises(TokenError) as info:
         verifier().channel(token, user="alice", channel="private:x")
     assert not info.value.expired
+
+
+# ---------------------------------------------------------------------- verified-token cache
+
+
+class DecodeCounter:
+    """Counts the signature checks PyJWT is asked for (jwt.decode, wrapped)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = jwt.decode
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr("server.auth.jwt.decode", counting)
+
+
+def test_a_verified_token_is_not_verified_again(monkeypatch):
+    """The same token string again (a device posting telemetry, a client reconnecting)
+    gets the same credentials without another signature check."""
+    decodes = DecodeCounter(monkeypatch)
+    v = verifier()
+    token = hs256({"sub": "pump-1", "device": True, "exp": future()})
+    first = v.connection(token)
+    assert v.connection(token) is first
+    assert decodes.calls == 1
+    other = hs256({"sub": "pump-2", "device": True, "exp": future()})
+    assert v.connection(other).user == "pump-2"
+    assert decodes.calls == 2
+
+
+def test_a_remembered_token_still_expires_with_the_same_leeway():
+    """Once its exp has passed (by PyJWT's rule, exp <= now - leeway), a remembered
+    token is refused as expired, like one seen for the first time."""
+    now = [time.time()]
+    exp = int(now[0]) + 100
+    token = hs256({"sub": "alice", "exp": exp})
+    strict = TokenVerifier(TokenConfig(hmac_secret=SECRET), clock=lambda: now[0])
+    lenient = TokenVerifier(TokenConfig(hmac_secret=SECRET, leeway=60), clock=lambda: now[0])
+    for v in (strict, lenient):
+        assert v.connection(token).user == "alice"
+    now[0] = exp  # expired (exp <= now), but within the lenient verifier's leeway
+    assert lenient.connection(token).user == "alice"
+    exc = refused(strict, token)
+    assert exc.expired
+    assert exc.reason == "token expired"
+    now[0] = exp + 59.9
+    assert lenient.connection(token).user == "alice"
+    now[0] = exp + 60
+    assert refused(lenient, token).expired
+    # Forgotten once expired: with the real clock (before exp) it is verified afresh.
+    assert TokenVerifier(TokenConfig(hmac_secret=SECRET)).connection(token).user == "alice"
+
+
+def test_refused_tokens_are_never_remembered(monkeypatch):
+    """A token that failed (bad signature, bad claims) is checked again each time, and a
+    forged token carrying a remembered token's claims is still refused."""
+    decodes = DecodeCounter(monkeypatch)
+    v = verifier()
+    good = hs256({"sub": "alice", "exp": future()})
+    v.connection(good)
+    header, payload, _ = good.split(".")
+    forged = header + "." + payload + "." + b64(b"\0" * 32)
+    bad_claims = hs256({"sub": "alice", "channels": "news"})
+    for _ in range(2):
+        refused(v, forged)
+        refused(v, bad_claims)
+    assert decodes.calls == 5  # good once, then each refusal every time
+
+
+def test_the_cache_holds_at_most_cache_size_tokens(monkeypatch):
+    """token.cache_size bounds what is remembered (least recently used out first); 0 turns
+    remembering off."""
+    decodes = DecodeCounter(monkeypatch)
+    v = verifier(cache_size=2)
+    a, b, c = (hs256({"sub": u, "exp": future()}) for u in "abc")
+    v.connection(a)
+    v.connection(b)
+    v.connection(a)  # a is now the most recently used
+    v.connection(c)  # b goes
+    assert decodes.calls == 3
+    v.connection(a)
+    v.connection(c)
+    assert decodes.calls == 3
+    v.connection(b)
+    assert decodes.calls == 4
+    off = verifier(cache_size=0)
+    for _ in range(3):
+        off.connection(a)
+    assert decodes.calls == 7
