@@ -37,7 +37,7 @@ VENDOR_PACKAGES: Final = ("centrifuge", "uplot")
 SETUP_HINT: Final = "run scripts/setup (npm ci) to install the dashboard's browser libraries"
 
 # A Host header we are willing to echo into the CSP (name or IPv4/IPv6 literal, optional port).
-_HOST_RE: Final = re.compile(r"^(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?$")
+_HOST_RE: Final = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")  # fullmatch
 
 
 def content_security_policy(host: str) -> str:
@@ -48,7 +48,7 @@ def content_security_policy(host: str) -> str:
     not a plain host[:port] is left out rather than echoed.
     """
     connect = "'self'"
-    if _HOST_RE.match(host):
+    if _HOST_RE.fullmatch(host):
         connect += f" ws://{host} wss://{host}"
     return "; ".join(
         [

@@ -246,7 +246,7 @@ class DeviceTelemetryHandler(TelemetryHandler):
         if not claim_globs_match(creds.claims, claim, device):
             raise Refused(codes.PERMISSION_DENIED, f"device not in the token's {claim!r} claim")
         metric = self.get_query_argument("metric", "")
-        if not METRIC_NAME_RE.match(metric):
+        if not METRIC_NAME_RE.fullmatch(metric):
             raise Refused(codes.BAD_REQUEST, "metric: required, 1-64 of A-Z a-z 0-9 _ . -")
         end = self._int_arg("to", int(time.time() * 1000))
         start = self._int_arg("from", end - DEFAULT_RANGE_MS)

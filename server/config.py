@@ -28,7 +28,7 @@ import yaml
 from server.errors import ConfigError
 
 DEFAULT_CONFIG_PATH: Final = Path(__file__).resolve().parent.parent / "config.yaml"
-NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]+$")
+NAMESPACE_RE: Final = re.compile(r"[A-Za-z0-9_.\-]+")  # fullmatch
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -364,7 +364,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         out = {}
         for name, sub in value.items():
-            if not isinstance(name, str) or not NAMESPACE_RE.match(name):
+            if not isinstance(name, str) or not NAMESPACE_RE.fullmatch(name):
                 raise ConfigError(f"{key}.{name}: invalid name (letters, digits, _ . -)")
             out[name] = _coerce(vtype, sub, f"{key}.{name}")
         return types.MappingProxyType(out)
@@ -452,7 +452,7 @@ def _check(cfg: Config) -> None:
     if cfg.client.command_rate > 0 and cfg.client.command_burst < 1:
         raise ConfigError("client.command_burst: must be at least 1 when command_rate is set")
     for origin in cfg.client.allowed_origins:
-        if origin != "*" and not re.match(r"^https?://[^/]+$", origin):
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError(
                 f"client.allowed_origins: {origin!r} is not '*' or scheme://host[:port]"
             )

@@ -73,7 +73,7 @@ log = logging.getLogger("squall.telemetry")
 
 DEVICE_CLAIM: Final = "device"
 DEFAULT_DEVICES_CLAIM: Final = "devices"  # used when the namespace has no subscribe_claim
-METRIC_NAME_RE: Final = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+METRIC_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # fullmatch
 POINT_FIELDS: Final = frozenset({"ts", "values"})
 MAX_RATE_KEYS: Final = 100_000  # devices whose rate state is kept per node (LRU beyond)
 MAX_REASONS_IN_MESSAGE: Final = 10  # per-point reasons quoted in a WebSocket error message
@@ -167,7 +167,7 @@ def validate_point(raw: Any, *, now: int, max_skew_ms: int, max_metrics: int) ->
         return f"too many metrics ({len(values)} > {max_metrics})"
     out: dict[str, float] = {}
     for name, value in values.items():
-        if not isinstance(name, str) or not METRIC_NAME_RE.match(name):
+        if not isinstance(name, str) or not METRIC_NAME_RE.fullmatch(name):
             return f"invalid metric name {str(name)[:70]!r} (1-64 of A-Z a-z 0-9 _ . -)"
         if isinstance(value, bool):
             return f"metric {name!r} is a boolean, not a number"

@@ -276,6 +276,7 @@ def test_config_is_immutable(tmp_path):
         ("client: {allowed_origins: [1]}", "client.allowed_origins"),
         ("client: {allowed_origins: ['app.example.com']}", "client.allowed_origins"),
         ("client: {allowed_origins: ['https://a.example/path']}", "client.allowed_origins"),
+        ('client: {allowed_origins: ["https://a.example\\n"]}', "client.allowed_origins"),
         ("client: {command_rate: 10, command_burst: 0}", "client.command_burst"),
         ("client: {presence_ttl: 0}", "client.presence_ttl"),
         ("client: {flush_share: 0}", "client.flush_share"),
@@ -334,10 +335,11 @@ def test_unknown_key_is_an_error(tmp_path, text, key):
     assert message == f"{key}: unknown key"
 
 
-@pytest.mark.parametrize("name", ["bad name", "a:b", "ü", "x/y"])
+@pytest.mark.parametrize("name", ["bad name", "a:b", "ü", "x/y", "news\n"])
 def test_invalid_namespace_name(tmp_path, name):
     """Namespace names are letters, digits, _ . - only (':' would make them unreachable)."""
-    message = config_error(tmp_path, f"namespaces:\n  '{name}': {{}}\n")
+    quoted = name.replace("\n", "\\n")  # a YAML double-quoted escape
+    message = config_error(tmp_path, f'namespaces:\n  "{quoted}": {{}}\n')
     assert message.startswith(f"namespaces.{name}:"), message
 
 

@@ -70,6 +70,7 @@ def test_fractional_ts_is_truncated_to_milliseconds():
         ({"values": {"x" * 65: 1}}, "invalid metric name"),
         ({"values": {"bad name": 1}}, "invalid metric name 'bad name'"),
         ({"values": {"temp/c": 1}}, "invalid metric name 'temp/c'"),
+        ({"values": {"temp\n": 1}}, "invalid metric name 'temp\\n'"),  # $ matches before \n
         ({"values": {"tëmp": 1}}, "invalid metric name"),
         ({"ts": NOW + SKEW_MS + 1, "values": {"v": 1}}, "more than 300s away from server time"),
         ({"ts": NOW - SKEW_MS - 1, "values": {"v": 1}}, "more than 300s away from server time"),

@@ -62,6 +62,7 @@ def test_csp_does_not_echo_a_strange_host():
     assert "evil" not in csp
     assert "connect-src 'self';" in csp
     assert "ws://[::1]:8000" in content_security_policy("[::1]:8000")
+    assert "connect-src 'self';" in content_security_policy("example.com\n")
 
 
 class _Inline(HTMLParser):
