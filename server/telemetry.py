@@ -44,7 +44,7 @@ Order of checks (each refusal stops the frame, nothing is stored)
     node start with a full bucket there.
 
 Idempotency
-    The store keys points by ``(device, ts)``: a retried frame is stored once.
+    The store keys points by ``(device, ts)``: a retried frame counts once.
     It is still published again, so live subscribers may see a point twice;
     charts that key by ``ts`` do not notice. Points without ``ts`` get a new
     server time on every try, so devices that retry should send ``ts``.

@@ -17,7 +17,9 @@ Storage model (buckets and their summaries)
 Idempotency
     A point is keyed by ``(device, ts)``. Adding a point whose key is already
     stored (a device retrying a frame whose acknowledgement it lost) changes
-    nothing: not the points, not the summaries, not the counts. Callers
+    nothing a reader sees: not the points queries count, not the summaries,
+    not the counts (the Mongo store may keep a second copy that every read
+    skips). Callers
     deduplicate within one frame (``server.telemetry`` rejects a second point
     with the same ``ts``); ``add`` must still cope with keys already accepted
     earlier.
