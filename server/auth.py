@@ -21,7 +21,8 @@ client reconnecting with the one it had, is not verified again. The cache is
 keyed by the whole token string, signature included, so only the very bytes
 that passed are accepted again, until their ``exp`` (with the same leeway);
 ``nbf`` and ``iat`` can only become more valid with time. Refused tokens are
-never remembered.
+never remembered, nor tokens over ``MAX_CACHED_TOKEN`` bytes (which bounds the
+cache's memory).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import orjson
 
 from server.config import TokenConfig
 
+MAX_CACHED_TOKEN: Final = 4096  # bytes; longer tokens are verified every time (memory bound)
 HMAC_ALG: Final = "HS256"
 RSA_ALG: Final = "RS256"
 ECDSA_ALG: Final = "ES256"
@@ -163,7 +165,7 @@ class TokenVerifier:
             verified.move_to_end(token)
             return creds
         creds = self._verify_connection(token)
-        if self._cfg.cache_size:
+        if self._cfg.cache_size and len(token) <= MAX_CACHED_TOKEN:
             verified[token] = creds
             if len(verified) > self._cfg.cache_size:
                 verified.popitem(last=False)

@@ -14,7 +14,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from server.auth import ChannelCredentials, Credentials, TokenError, TokenVerifier, make_token
+from server.auth import (
+    MAX_CACHED_TOKEN,
+    ChannelCredentials,
+    Credentials,
+    TokenError,
+    TokenVerifier,
+    make_token,
+)
 from server.config import TokenConfig
 
 SECRET = "auth-test-secret-0123456789-0123456789"
@@ -460,3 +467,8 @@ def test_the_cache_holds_at_most_cache_size_tokens(monkeypatch):
     for _ in range(3):
         off.connection(a)
     assert decodes.calls == 7
+    # Tokens over MAX_CACHED_TOKEN bytes (a big meta claim) are not kept: memory stays bounded.
+    big = hs256({"sub": "d", "exp": future(), "meta": {"blob": "x" * MAX_CACHED_TOKEN}})
+    v.connection(big)
+    v.connection(big)
+    assert decodes.calls == 9
