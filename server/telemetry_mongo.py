@@ -687,11 +687,7 @@ class MongoTelemetryStore:
         groups: dict[tuple[str, int], list[Point]] = {}
         for item in batch:
             key = (item.device, bucket_start(item.point.ts, self._bucket_ms))
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [item.point]
-            else:
-                group.append(item.point)
+            groups.setdefault(key, []).append(item.point)
         # A bucket that may be sealed already loses its summary before more of its
         # points go in: until it is sealed again, queries read its chunks.
         now = int(time.time() * 1000)
