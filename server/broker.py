@@ -178,9 +178,11 @@ class Broker(Protocol):
         """Read history.
 
         Args:
-            since: only publications after this position; if its epoch differs
-                from the stream's, the page is empty and ``position`` tells the
-                caller the stream changed.
+            since: only publications after this position (with ``reverse``:
+                before it, so that a page's last offset asks for the next page).
+                An empty epoch stands for the stream's own; if it names another
+                epoch, the page is empty and ``position`` tells the caller the
+                stream changed.
             limit: at most this many; ``0`` returns only the position; ``None``
                 returns everything kept.
             reverse: newest first.

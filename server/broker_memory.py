@@ -144,10 +144,12 @@ class MemoryBroker:
     ) -> HistoryPage:
         stream = self._stream(channel, time.monotonic())
         position = StreamPosition(stream.offset, stream.epoch)
-        if limit == 0 or (since is not None and since.epoch != stream.epoch):
+        if limit == 0 or (since is not None and since.epoch not in ("", stream.epoch)):
             return HistoryPage([], position)
         items = list(stream.items)
-        if since is not None:
+        if since is not None and reverse:
+            items = [p for p in items if p.offset < since.offset]
+        elif since is not None:
             items = [p for p in items if p.offset > since.offset]
         if reverse:
             items.reverse()

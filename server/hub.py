@@ -655,22 +655,34 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> HistoryPage:
-        """History of a channel; persistent namespaces read beyond the broker's window."""
+        """History of a channel; persistent namespaces read beyond the broker's window.
+
+        ``since`` pages forward (publications after it) or, with ``reverse``,
+        back (those before it, newest first); an empty epoch in it stands for
+        the stream's current one (Centrifugo's rule). A ``since`` naming another
+        epoch gets an empty page: callers answer 112 for it.
+
+        Raises:
+            ClientError: 107 for ``reverse`` with ``since.offset`` 0 (nothing is
+                before it; Centrifugo's answer), 100 when an engine failed.
+        """
+        if since is not None and reverse and since.offset == 0:
+            raise ClientError(codes.BAD_REQUEST, "reverse history needs since.offset above 0")
         try:
             if opts.persist:
                 await self._restore(channel)
             page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
             if not opts.persist or limit == 0:
                 return page
-            if since is not None and since.epoch != page.position.epoch:
+            top = page.position
+            if since is None:  # the whole stream: the page before (top + 1) when reversed
+                since = StreamPosition(top.offset + 1 if reverse else 0, top.epoch)
+            elif not since.epoch:
+                since = StreamPosition(since.offset, top.epoch)
+            elif since.epoch != top.epoch:
                 return page
-            pubs = await self.store.read_since(
-                channel,
-                since=since or StreamPosition(0, page.position.epoch),
-                limit=limit,
-                reverse=reverse,
-            )
-            return HistoryPage(pubs, page.position)
+            pubs = await self.store.read_since(channel, since=since, limit=limit, reverse=reverse)
+            return HistoryPage(pubs, top)
         except EngineError as exc:
             log.warning("history of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None

@@ -102,7 +102,9 @@ class Store(Protocol):
         reverse: bool = False,
     ) -> list[Publication]:
         """Publications after ``since`` (all kept when ``None``), in the stream's latest epoch
-        unless ``since`` names one. ``limit=None`` means no limit."""
+        unless ``since`` names one. With ``reverse``, newest first, and ``since``
+        selects those *before* its offset (the next page back). ``limit=None``
+        means no limit."""
 
     async def latest(self, channel: str) -> StreamPosition | None:
         """The highest offset in the epoch of the channel's last accepted publication

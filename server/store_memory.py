@@ -55,11 +55,11 @@ class MemoryStore:
         if latest is None:
             return []
         epoch = since.epoch if since is not None else latest.epoch
-        after = since.offset if since is not None else 0
+        low, high = _bounds(since, reverse)
         items = self._channels[channel].values()
         now = time.monotonic()
         pubs = sorted(
-            (p for exp, p in items if p.epoch == epoch and p.offset > after and exp > now),
+            (p for exp, p in items if p.epoch == epoch and low < p.offset < high and exp > now),
             key=lambda p: p.offset,
             reverse=reverse,
         )
@@ -77,6 +77,13 @@ class MemoryStore:
 
     def status(self) -> StoreStatus:
         return StoreStatus(ready=True)
+
+
+def _bounds(since: StreamPosition | None, reverse: bool) -> tuple[float, float]:
+    """The offsets (exclusive) a ``read_since`` page lies between."""
+    if since is None:
+        return 0, math.inf
+    return (0, since.offset) if reverse else (since.offset, math.inf)
 
 
 def _conforms(s: MemoryStore) -> Store:

@@ -296,20 +296,22 @@ class MongoStore:
                 if pos is None:
                     return []
                 epoch = pos.epoch
-            after = 0
         else:
-            epoch, after = since.epoch, since.offset
+            epoch = since.epoch
         if limit == 0:
             return []
+        low, high = _bounds(since, reverse)
         now = datetime.now(UTC)
-        query, sort = _history_query(channel, epoch, after, now, reverse)
+        query, sort = _history_query(channel, epoch, low, high, now, reverse)
         docs = await self._run(
             self._coll().find(query, _PROJECTION, sort=sort, limit=limit or 0).to_list(None)
         )
         found = {int(d["offset"]): _decode(d) for d in docs}
         for item in queued:
             p = item.pub
-            if p.epoch == epoch and p.offset > after and not _expired(item.expire_at, now):
+            if p.epoch != epoch or p.offset <= low or (high is not None and p.offset >= high):
+                continue
+            if not _expired(item.expire_at, now):
                 found.setdefault(p.offset, p)
         pubs = [found[o] for o in sorted(found, reverse=reverse)]
         return pubs if limit is None else pubs[:limit]
@@ -373,7 +375,8 @@ class MongoStore:
         reverse: bool = False,
     ) -> dict[str, Any]:
         """The server's ``explain`` of the query ``read_since`` sends for these arguments."""
-        query, sort = _history_query(channel, since.epoch, since.offset, datetime.now(UTC), reverse)
+        low, high = _bounds(since, reverse)
+        query, sort = _history_query(channel, since.epoch, low, high, datetime.now(UTC), reverse)
         cursor = self._coll().find(query, _PROJECTION, sort=sort, limit=limit or 0)
         plan: dict[str, Any] = await self._run(cursor.explain())
         return plan
@@ -657,13 +660,23 @@ class MongoStore:
         return f"{type(exc).__name__}: {text[:300]}"
 
 
+def _bounds(since: StreamPosition | None, reverse: bool) -> tuple[int, int | None]:
+    """The offsets (exclusive; ``None``: no upper bound) a ``read_since`` page lies between."""
+    if since is None:
+        return 0, None
+    return (0, since.offset) if reverse else (since.offset, None)
+
+
 def _history_query(
-    channel: str, epoch: str, after: int, now: datetime, reverse: bool
+    channel: str, epoch: str, low: int, high: int | None, now: datetime, reverse: bool
 ) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+    offset: dict[str, int] = {"$gt": low}
+    if high is not None:
+        offset["$lt"] = high
     query = {
         "channel": channel,
         "epoch": epoch,
-        "offset": {"$gt": after},
+        "offset": offset,
         "expire_at": {"$not": {"$lte": now}},  # also matches documents without a deadline
     }
     return query, [("offset", -1 if reverse else 1)]

@@ -2,8 +2,8 @@
 -- KEYS[1] stream meta hash      KEYS[2] history stream
 -- ARGV[1] epoch to use if the stream is new   ARGV[2] meta ttl (ms)
 -- ARGV[3] "1" if a since position is given    ARGV[4] since offset
--- ARGV[5] since epoch           ARGV[6] limit (-1 = everything kept)
--- ARGV[7] "1" for newest first
+-- ARGV[5] since epoch ("" = the stream's)      ARGV[6] limit (-1 = everything kept)
+-- ARGV[7] "1" for newest first (with a since position: the entries before it)
 -- Returns {top offset, epoch, {payload, ...}}.
 local meta, stream = KEYS[1], KEYS[2]
 
@@ -21,22 +21,29 @@ if redis.call('PTTL', meta) < tonumber(ARGV[2]) then
 end
 
 local limit = tonumber(ARGV[6])
-if limit == 0 or (ARGV[3] == '1' and ARGV[5] ~= epoch) then
+local since = ARGV[3] == '1'
+local reverse = ARGV[7] == '1'
+if limit == 0 or (since and ARGV[5] ~= '' and ARGV[5] ~= epoch)
+    or (since and reverse and tonumber(ARGV[4]) == 0) then
   return {top, epoch, {}}
 end
 
-local low = '-'
-if ARGV[3] == '1' then
-  low = '(' .. ARGV[4] .. '-0'
-end
 local entries
-if ARGV[7] == '1' then
+if reverse then
+  local high = '+'
+  if since then
+    high = '(' .. ARGV[4] .. '-0'
+  end
   if limit > 0 then
-    entries = redis.call('XREVRANGE', stream, '+', low, 'COUNT', limit)
+    entries = redis.call('XREVRANGE', stream, high, '-', 'COUNT', limit)
   else
-    entries = redis.call('XREVRANGE', stream, '+', low)
+    entries = redis.call('XREVRANGE', stream, high, '-')
   end
 else
+  local low = '-'
+  if since then
+    low = '(' .. ARGV[4] .. '-0'
+  end
   if limit > 0 then
     entries = redis.call('XRANGE', stream, low, '+', 'COUNT', limit)
   else

@@ -97,6 +97,15 @@ async def test_history_offsets_and_recovery_survive_a_graceful_restart(
     assert after == before  # every publication, beyond history_size, same offsets and epoch
     page = await api_ok(second, "history", {"channel": channel, "limit": 4, "reverse": True})
     assert [p["offset"] for p in page["publications"]] == [12, 11, 10, 9]
+    back = {"offset": 9, "epoch": epoch}  # the next page back, beyond history_size
+    page = await api_ok(
+        second, "history", {"channel": channel, "limit": 4, "reverse": True, "since": back}
+    )
+    assert [p["offset"] for p in page["publications"]] == [8, 7, 6, 5]
+    page = await api_ok(
+        second, "history", {"channel": channel, "limit": -1, "since": {"offset": 10}}
+    )
+    assert [p["offset"] for p in page["publications"]] == [11, 12]  # no epoch: the current one
 
     # The publisher's SDK resubscribes on the new process and reads the same history.
     await asyncio.wait_for(pub_sub.ready(), 10)

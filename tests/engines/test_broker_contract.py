@@ -138,12 +138,22 @@ async def test_history_since_limit_and_reverse(broker: Engines) -> None:
     since = StreamPosition(4, top.epoch)
     assert await offsets(since=since) == [5, 6, 7]
     assert await offsets(since=since, limit=2) == [5, 6]
-    assert await offsets(since=since, reverse=True) == [7, 6, 5]
-    assert await offsets(since=since, limit=2, reverse=True) == [7, 6]
+    # Reversed, since pages back: the publications before it, newest first.
+    assert await offsets(since=since, reverse=True) == [3, 2, 1]
+    assert await offsets(since=since, limit=2, reverse=True) == [3, 2]
+    assert await offsets(since=StreamPosition(2, top.epoch), limit=2, reverse=True) == [1]
+    assert await offsets(since=StreamPosition(1, top.epoch), reverse=True) == []
+    assert await offsets(since=StreamPosition(0, top.epoch), reverse=True) == []
     assert await offsets(limit=3) == [1, 2, 3]
     assert await offsets(limit=3, reverse=True) == [7, 6, 5]
     assert await offsets(since=StreamPosition(0, top.epoch)) == [1, 2, 3, 4, 5, 6, 7]
     assert await offsets(since=top) == []
+    # An empty epoch stands for the stream's own (Centrifugo's rule); another one
+    # gets nothing.
+    assert await offsets(since=StreamPosition(4, "")) == [5, 6, 7]
+    assert await offsets(since=StreamPosition(4, ""), limit=2, reverse=True) == [3, 2]
+    assert await offsets(since=StreamPosition(4, "other")) == []
+    assert await offsets(since=StreamPosition(4, "other"), reverse=True) == []
 
 
 async def test_history_limit_zero_returns_only_the_position(broker: Engines) -> None:

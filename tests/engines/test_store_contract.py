@@ -116,7 +116,13 @@ async def test_since_limit_and_reverse_select_the_page(store: Store) -> None:
         assert [p.offset for p in await store.read_since("pg", since=since)] == list(range(5, 11))
         page = await store.read_since("pg", since=since, limit=3)
         assert [p.offset for p in page] == [5, 6, 7]
-        newest = await store.read_since("pg", since=since, limit=3, reverse=True)
+        # Reversed, since pages back: the publications before it, newest first.
+        back = await store.read_since("pg", since=since, limit=2, reverse=True)
+        assert [p.offset for p in back] == [3, 2]
+        back = await store.read_since("pg", since=StreamPosition(11, "e1"), reverse=True)
+        assert [p.offset for p in back] == list(range(10, 0, -1))
+        assert await store.read_since("pg", since=StreamPosition(1, "e1"), reverse=True) == []
+        newest = await store.read_since("pg", limit=3, reverse=True)
         assert [p.offset for p in newest] == [10, 9, 8]
         assert [p.offset for p in await store.read_since("pg", reverse=True)] == list(
             range(10, 0, -1)

@@ -537,6 +537,33 @@ async def test_history_limit_since_and_reverse(squall):
     assert result["publications"][0]["data"] == {"n": 1}
 
 
+async def test_history_pages_back_and_takes_since_without_epoch(squall):
+    """Reversed, since pages back (offsets below it); a since without epoch reads the
+    current stream (Centrifugo's rule) instead of an empty page; reversed since 0 is 107."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    for n in range(1, 6):
+        pos = await publish_api(sq, ch, {"n": n})
+    epoch = pos["epoch"]
+    c = await sq.raw(connect=True)
+    await subscribed(c, ch)
+
+    async def offsets(**params: Any) -> list[int]:
+        reply = await c.command("history", {"channel": ch, **params})
+        return [p["offset"] for p in reply["history"].get("publications", [])]
+
+    newest = await offsets(limit=2, reverse=True)
+    assert newest == [5, 4]
+    since = {"offset": newest[-1], "epoch": epoch}
+    assert await offsets(since=since, limit=2, reverse=True) == [3, 2]
+    assert await offsets(since={"offset": 2, "epoch": epoch}, limit=2, reverse=True) == [1]
+    assert await offsets(since={"offset": 2}, limit=-1) == [3, 4, 5]
+    assert await offsets(since={"offset": 2, "epoch": ""}, limit=-1) == [3, 4, 5]
+    assert await offsets(since={"offset": 4}, limit=-1, reverse=True) == [3, 2, 1]
+    reply = await c.command("history", {"channel": ch, "since": {"offset": 0}, "reverse": True})
+    assert error_code(reply) == 107
+
+
 async def test_history_since_another_epoch_gets_112(squall):
     """History since a position from another stream epoch gets 112, not an empty page."""
     sq = await squall()

@@ -323,6 +323,19 @@ async def test_history_since_limit_and_reverse(squall):
         newest = await api.history(HistoryRequest(channel="chat:hist", limit=2, reverse=True))
         assert [p.offset for p in newest.publications] == [5, 4]
 
+        # The next page back: since the oldest of this one, reversed.
+        back = StreamPosition(offset=4, epoch=epoch)
+        older = await api.history(
+            HistoryRequest(channel="chat:hist", since=back, limit=2, reverse=True)
+        )
+        assert [p.offset for p in older.publications] == [3, 2]
+
+        # cent's StreamPosition defaults to an empty epoch: it means the current one.
+        no_epoch = await api.history(
+            HistoryRequest(channel="chat:hist", since=StreamPosition(offset=3), limit=-1)
+        )
+        assert [p.offset for p in no_epoch.publications] == [4, 5]
+
 
 async def test_history_remove_empties_history_but_keeps_the_position(squall):
     """history_remove drops publications; the stream position (offset, epoch) stays."""
