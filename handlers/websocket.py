@@ -79,8 +79,11 @@ class WebSocketTransport:
             # Nothing queued in the stream: send now. IOStream.write would also
             # make a Future and schedule its callback for every frame, which is
             # most of the per-recipient cost of a broadcast.
+            sock = stream.socket
+            if sock is None:  # closed by Tornado; the reader has not noticed yet
+                raise TransportError("closed")
             try:
-                sent = stream.socket.send(frame)
+                sent = sock.send(frame)
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -274,7 +277,12 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     if not final:
                         self._abort()  # control frames are never fragmented
                         return
-                    handled = self._handle_message(opcode, payload)
+                    try:
+                        handled = self._handle_message(opcode, payload)
+                    except UnicodeDecodeError:  # a close frame's reason must be UTF-8
+                        log.info("close frame with a reason that is not UTF-8: connection aborted")
+                        self._abort()
+                        return
                     if handled is not None:
                         await handled
                     if self._ended():

@@ -154,6 +154,7 @@ class Subscription:
         "recoverable",
         "server_side",
         "throttle",
+        "unsubscribed",
     )
 
     def __init__(
@@ -175,9 +176,13 @@ class Subscription:
         self.server_side = server_side
         self.throttle = throttle  # conflated delivery (subscribe data max_rate), else None
         self.join_leave = False  # receives join/leave pushes
-        self.live = False
-        # Publications that arrive before the subscribe reply is queued.
+        self.live = False  # the subscribe reply (or push) is queued
+        # Publications that arrive before the subscribe reply is queued (and,
+        # while the broker catches up to the position read, after: Hub.went_live).
         self.pending: list[Publication] | None = []
+        # Set when the server ended the subscription before its reply was queued:
+        # the unsubscribe push then follows the reply (Client.server_unsubscribe).
+        self.unsubscribed: codes.Unsubscribe | None = None
 
 
 def _bad_request(message: str) -> ClientError:
@@ -253,7 +258,7 @@ class Client:
             return
         size = len(data)
         if self._queued_bytes + size > self._max_queue:
-            self._slow()
+            self._over_limit()
             return
         if not self._queue:
             self._hub.schedule_flush(self)
@@ -278,10 +283,27 @@ class Client:
         except TransportError:
             self.on_transport_closed()
 
+    def _over_limit(self) -> None:
+        """The backlog would pass ``client.max_queue_bytes``: disconnect with 3008, soon.
+
+        ``enqueue`` runs inside the hub's fan-out loops, which must not see a
+        channel's subscribers change under them (the other subscribers would
+        miss the publication): the disconnect waits for the next loop turn.
+        Until then the queue is dropped and nothing more is taken
+        (``_max_queue`` of -1 refuses every write).
+        """
+        if self._max_queue < 0:
+            return
+        self._max_queue = -1
+        self._queue = []
+        self._queued_bytes = 0
+        self._loop.call_soon(self._slow)
+
     def _slow(self) -> None:
         self._queue = []
         self._queued_bytes = 0
-        self.disconnect(codes.SLOW, f"outgoing backlog over {self._max_queue} bytes")
+        limit = self._hub.config.client.max_queue_bytes
+        self.disconnect(codes.SLOW, f"outgoing backlog over {limit} bytes")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -295,6 +317,17 @@ class Client:
                 return
         self._finish(d.code, d.reason, detail)
         self.transport.close(d.code, d.reason)
+
+    def abort(self) -> None:
+        """End the connection after an unexpected failure of its own (the caller logs it)."""
+        if self._closed:
+            return
+        d = codes.SERVER_ERROR
+        self._finish(d.code, d.reason, "aborted")
+        try:
+            self.transport.close(d.code, d.reason)
+        except Exception:  # the transport is what failed; it is gone either way
+            log.debug("close after abort failed client=%s", self.id, exc_info=True)
 
     def on_transport_closed(self, code: int = 3000, reason: str = "connection closed") -> None:
         """The peer went away (or the transport closed on its own)."""
@@ -462,12 +495,9 @@ class Client:
         self.user, self.exp, self.info, self.meta = creds.user, creds.exp, creds.info, creds.meta
         self.claims = creds.claims
         self.state = State.CONNECTED
-        self._hub.connecting.discard(self)
         if self._stale_timer is not None:
             self._stale_timer.cancel()
             self._stale_timer = None
-        self._hub.add_client(self)
-        self._schedule_ping()
         self._schedule_expiry()
         result: dict[str, Any] = {"client": self.id, "version": __version__}
         if cfg.ping_interval > 0:
@@ -490,12 +520,21 @@ class Client:
                     channel, opts, req if isinstance(req, dict) else {}, None, 0, server_side=True
                 )
             except ClientError as exc:
+                if self.closed:
+                    return None
                 log.warning("server-side subscribe %s failed: %s", channel, exc.message)
                 continue
+            if self.closed:  # ended while subscribing: nothing more to set up
+                return None
             subs[channel] = reply
             afters.append(after)
         if subs:
             result["subs"] = subs
+        # Only now can pushes (server API: subscribe, message, ...) reach this
+        # client through the hub: none may come before the connect reply.
+        self._hub.connecting.discard(self)
+        self._hub.add_client(self)
+        self._schedule_ping()
 
         def activate() -> None:
             for after in afters:
@@ -511,7 +550,9 @@ class Client:
             creds = self._verifier.connection(token)
         except TokenError as exc:
             if exc.expired:
-                raise ClientError(codes.TOKEN_EXPIRED) from None
+                # Centrifugo's answer: the SDK reconnects and asks for a new token
+                # (an error reply would end a centrifuge-js client for good).
+                raise DisconnectError(codes.CONNECTION_EXPIRED, "refresh token expired") from None
             raise DisconnectError(codes.INVALID_TOKEN, exc.reason) from None
         if creds.user != self.user:
             raise DisconnectError(codes.INVALID_TOKEN, "refresh token is for another user")
@@ -686,12 +727,24 @@ class Client:
             if self.subs.get(channel) is sub:
                 self._hub.remove_subscription(self, channel)
             raise
+        if self.subs.get(channel) is not sub and opts.presence:
+            # Ended meanwhile (connection closed, server unsubscribe): the presence
+            # entry may have been added after its removal.
+            self._hub.spawn(
+                self._hub.presence_manager.remove_presence(channel, self.id), "presence remove"
+            )
         if position is not None:
             result.update(positioned=True, epoch=position.epoch, offset=position.offset)
         result.update(self._ttl(exp))
 
         def activate() -> None:
-            if self.subs.get(channel) is not sub or self._closed:
+            if self._closed:
+                return
+            if self.subs.get(channel) is not sub:
+                if sub.unsubscribed is not None:  # ended by the server before this reply
+                    u = sub.unsubscribed
+                    push = {"code": u.code, "reason": u.reason}
+                    self.enqueue(encode_push(channel, "unsubscribe", push))
                 return
             pending, sub.pending = sub.pending or [], None
             sub.live = True
@@ -706,7 +759,7 @@ class Client:
                         sub.throttle.offer(frame)
                     else:
                         self.enqueue(frame)
-            self._hub.went_live(sub, position)
+            self._hub.went_live(self, sub, position)
             if sub.exp:
                 self._schedule_sub_expiry(sub)
 
@@ -733,8 +786,14 @@ class Client:
         after()
 
     def server_unsubscribe(self, channel: str, u: codes.Unsubscribe) -> None:
-        """Remove a subscription and tell the client why (resubscribe if code >= 2500)."""
-        if self._hub.remove_subscription(self, channel) is None:
+        """Remove a subscription and tell the client why (resubscribe if code >= 2500).
+
+        A subscription whose reply is not queued yet (its subscribe is still
+        reading history) gets the unsubscribe push right after that reply: the
+        SDKs ignore an unsubscribe for a channel they are still subscribing to.
+        """
+        sub = self._hub.remove_subscription(self, channel)
+        if sub is None:
             return
         timer = self._sub_timers.pop(channel, None)
         if timer is not None:
@@ -742,6 +801,9 @@ class Client:
         log.info(
             "unsubscribe code=%d reason=%s client=%s channel=%s", u.code, u.reason, self.id, channel
         )
+        if not sub.live:
+            sub.unsubscribed = u
+            return
         self.enqueue(encode_push(channel, "unsubscribe", {"code": u.code, "reason": u.reason}))
 
     async def _cmd_unsubscribe(self, p: Mapping[str, Any]) -> Result:
@@ -766,7 +828,9 @@ class Client:
             creds = self._verifier.channel(token, user=self.user, channel=channel)
         except TokenError as exc:
             if exc.expired:
-                raise ClientError(codes.TOKEN_EXPIRED) from None
+                # Temporary: the SDK asks for a new token and tries again (a
+                # permanent error would end the subscription for good).
+                raise ClientError(codes.TOKEN_EXPIRED_RETRY) from None
             raise ClientError(codes.PERMISSION_DENIED) from None
         sub.exp = creds.exp
         self._schedule_sub_expiry(sub)

@@ -44,6 +44,8 @@ LIMIT_EXCEEDED: Final = ErrorCode(106, "limit exceeded")
 BAD_REQUEST: Final = ErrorCode(107, "bad request")
 NOT_AVAILABLE: Final = ErrorCode(108, "not available")
 TOKEN_EXPIRED: Final = ErrorCode(109, "token expired")
+# sub_refresh with an expired token: the SDKs retry a temporary refresh error.
+TOKEN_EXPIRED_RETRY: Final = ErrorCode(109, "token expired", temporary=True)
 EXPIRED: Final = ErrorCode(110, "expired")
 TOO_MANY_REQUESTS: Final = ErrorCode(111, "too many requests", temporary=True)
 UNRECOVERABLE_POSITION: Final = ErrorCode(112, "unrecoverable position")

@@ -96,13 +96,16 @@ MessageHandler = Callable[["Client", bytes], None]
 class ChannelSubs:
     """Local subscribers of one channel, and the channel's delivered position."""
 
-    __slots__ = ("position", "ready", "subs", "throttled")
+    __slots__ = ("position", "ready", "subs", "throttled", "waiters")
 
     def __init__(self) -> None:
         self.subs: dict[Client, Subscription] = {}
         self.position: StreamPosition | None = None
         self.ready: asyncio.Future[None] | None = None  # broker subscription established
         self.throttled = 0  # subscriptions in ``subs`` with a max_rate (conflated delivery)
+        # New subscriptions whose history read is ahead of what the broker has
+        # delivered here: the position each waits for (see ``went_live``).
+        self.waiters: dict[Client, StreamPosition] | None = None
 
 
 class Hub:
@@ -269,7 +272,11 @@ class Hub:
         frames: FrameCache = {}  # one frame per distinct single payload, shared
         started = time.monotonic()
         for client in dirty:
-            client.flush(frames)
+            try:
+                client.flush(frames)
+            except Exception:  # one broken connection must not stall the others' output
+                log.exception("flush failed client=%s", client.id)
+                client.abort()
         ended = time.monotonic()
         share = self.config.client.flush_share
         pause = (ended - started) * (1.0 / share - 1.0)
@@ -334,6 +341,8 @@ class Hub:
         if sub is not None and sub.throttle is not None:
             sub.throttle.cancel()
             chan.throttled -= 1
+        if chan.waiters is not None:
+            chan.waiters.pop(client, None)
         if not chan.subs:
             del self.channels[channel]
             ready = chan.ready
@@ -346,15 +355,68 @@ class Hub:
         if not fut.cancelled() and fut.exception() is None and channel not in self.channels:
             self.spawn(self.broker.unsubscribe(channel), "broker unsubscribe")
 
-    def went_live(self, sub: Subscription, position: StreamPosition | None) -> None:
-        """A subscription's reply is queued: track the position, then announce it."""
+    def went_live(self, client: Client, sub: Subscription, position: StreamPosition | None) -> None:
+        """A subscription's reply is queued (with the publications buffered meanwhile
+        that follow ``position``): start live delivery, then announce the join.
+
+        The history read behind ``position`` can be ahead of what the broker
+        has delivered here so far. Those publications are still on their way
+        and the channel's other subscribers need them, so the channel's
+        position stays as the broker's deliveries set it; this subscription
+        keeps buffering instead (``chan.waiters``) until the stream reaches
+        ``position``, and gets the next publication after it
+        (``_release_waiters``).
+        """
         chan = self.channels.get(sub.channel)
         if chan is not None and position is not None and position.offset:
             cur = chan.position
             if cur is None or cur.epoch != position.epoch or cur.offset < position.offset:
-                chan.position = position
+                sub.pending = []
+                if chan.waiters is None:
+                    chan.waiters = {}
+                chan.waiters[client] = position
         if sub.opts.presence and sub.opts.join_leave:
             self.spawn(self.broker.publish_join(sub.channel, sub.info), "join")
+
+    def _release_waiters(self, channel: str, chan: ChannelSubs, pub: Publication) -> None:
+        """Start live delivery for the subscriptions ``pub`` brings up to date.
+
+        A waiter whose next publication (its position's offset + 1, same epoch)
+        is not the one that arrives missed something: it is unsubscribed with
+        2500 and its SDK resubscribes and recovers.
+        """
+        waiters = chan.waiters
+        if waiters is None:
+            return
+        for client, pos in list(waiters.items()):
+            if pub.epoch == pos.epoch and pub.offset <= pos.offset:
+                continue  # still catching up to what the subscriber read
+            del waiters[client]
+            sub = chan.subs.get(client)
+            if sub is None:
+                continue
+            if pub.epoch != pos.epoch or pub.offset != pos.offset + 1:
+                log.info(
+                    "stream gap for a new subscriber channel=%s client=%s read=%s:%d got=%s:%d",
+                    channel,
+                    client.id,
+                    pos.epoch,
+                    pos.offset,
+                    pub.epoch,
+                    pub.offset,
+                )
+                client.server_unsubscribe(channel, codes.UNSUBSCRIBE_INSUFFICIENT)
+                continue
+            pending, sub.pending = sub.pending or [], None
+            for p in pending:
+                if p.epoch == pos.epoch and p.offset > pos.offset:
+                    frame = encode_push(channel, "pub", pub_to_dict(p))
+                    if sub.throttle is not None:
+                        sub.throttle.offer(frame)
+                    else:
+                        client.enqueue(frame)
+        if not waiters:
+            chan.waiters = None
 
     # ------------------------------------------------------------------ BrokerEvents
 
@@ -383,15 +445,17 @@ class Hub:
         frame = encode_push(channel, "pub", pub_to_dict(pub))
         if chan.throttled:
             self._fan_out_throttled(chan, pub, frame)
-            return
-        n = 0
-        for client, sub in chan.subs.items():
-            if sub.pending is None:
-                client.enqueue(frame)
-                n += 1
-            else:
-                sub.pending.append(pub)
-        self.metrics.deliveries += n
+        else:
+            n = 0
+            for client, sub in chan.subs.items():
+                if sub.pending is None:
+                    client.enqueue(frame)
+                    n += 1
+                else:
+                    sub.pending.append(pub)
+            self.metrics.deliveries += n
+        if chan.waiters is not None:
+            self._release_waiters(channel, chan, pub)
 
     def _fan_out_throttled(self, chan: ChannelSubs, pub: Publication, frame: bytes) -> None:
         """The fan-out loop for channels with a ``max_rate`` subscriber (kept off the fast path).

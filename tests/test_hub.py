@@ -7,8 +7,13 @@ lost or repeated pub/sub message.
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from server import codes
 from server.broker import Publication
+from tests.helpers.logs import expect_log
 from tests.helpers.server import token
 
 
@@ -18,6 +23,14 @@ async def _subscribed(sq, channel="chat:g"):
     assert reply["subscribe"]["recoverable"] is True
     assert (await c.next_push())["push"]["join"]
     return c, reply["subscribe"]["epoch"]
+
+
+async def _next_pub(c):
+    """The next publication push's ``pub`` (join/leave pushes skipped)."""
+    while True:
+        push = (await c.next_push())["push"]
+        if "pub" in push:
+            return push["pub"]
 
 
 async def test_duplicate_publication_is_delivered_once(squall):
@@ -120,3 +133,171 @@ async def test_connect_during_shutdown_is_refused_with_reconnect_code(squall):
     sq.hub.closing = True
     await late.send({"id": 1, "connect": {"token": token("alice")}})
     assert await late.closed() == (3001, "shutdown")
+
+
+# ---------------------------------------------------------------------- subscribe races
+
+
+async def test_new_subscriber_ahead_of_the_broker_loses_nothing_for_the_others(squall):
+    """A subscriber whose history read is ahead of the broker's deliveries does not make
+    the channel's other subscribers drop the publications still on their way; it gets
+    only the ones after its position, once."""
+    sq = await squall()
+    a, epoch = await _subscribed(sq)
+    await sq.api("publish", {"channel": "chat:g", "data": {"n": 1}})
+    assert (await a.next_push())["push"]["pub"]["offset"] == 1
+    # Offsets 2 and 3 reach history before this node's broker link delivers them.
+    await sq.hub.broker.unsubscribe("chat:g")
+    for n in (2, 3):
+        await sq.api("publish", {"channel": "chat:g", "data": {"n": n}})
+    b = await sq.raw(connect=True, sub="bob")
+    reply = await b.command("subscribe", {"channel": "chat:g", "recoverable": True})
+    assert reply["subscribe"]["offset"] == 3
+    for n in (2, 3):  # the late deliveries
+        sq.hub.on_publication("chat:g", Publication(n, epoch, b'{"n":%d}' % n))
+    await sq.hub.broker.subscribe("chat:g")
+    for n in (4, 5):
+        await sq.api("publish", {"channel": "chat:g", "data": {"n": n}})
+    assert [(await _next_pub(a))["offset"] for _ in range(4)] == [2, 3, 4, 5]
+    assert [(await _next_pub(b))["offset"] for _ in range(2)] == [4, 5]
+
+
+async def test_new_subscriber_that_misses_its_next_publication_resubscribes(squall):
+    """A new subscription whose next publication never arrives (the broker lost it) gets
+    2500, while a subscriber without positions goes on receiving."""
+    sq = await squall()
+    plain = await sq.raw(connect=True, sub="plain")
+    await plain.command("subscribe", {"channel": "chat:m"})  # no positions asked
+    await sq.hub.broker.unsubscribe("chat:m")
+    for n in (1, 2, 3):  # history only: this node's link is down
+        await sq.api("publish", {"channel": "chat:m", "data": {"n": n}})
+    b = await sq.raw(connect=True, sub="bob")
+    reply = await b.command("subscribe", {"channel": "chat:m", "recoverable": True})
+    epoch = reply["subscribe"]["epoch"]
+    assert reply["subscribe"]["offset"] == 3
+    sq.hub.on_publication("chat:m", Publication(5, epoch, b'{"n":5}'))  # 4 was lost
+    push = await b.next_push()
+    while "join" in push["push"]:
+        push = await b.next_push()
+    assert push["push"]["unsubscribe"] == {"code": 2500, "reason": "insufficient state"}
+    push = await plain.next_push()
+    while "join" in push["push"]:
+        push = await plain.next_push()
+    assert push["push"]["pub"]["offset"] == 5
+
+
+async def test_gap_during_a_pending_subscribe_reaches_the_client_after_its_reply(squall):
+    """An unsubscribe (here a broker gap) while a subscribe still reads history comes after
+    the subscribe reply, so the SDK sees it; no subscription or presence is left behind."""
+    sq = await squall(**{"namespaces.chat.presence": True})
+    broker = sq.hub.broker
+    read = broker.history
+    started = asyncio.Event()
+
+    async def slow_history(*args, **kw):
+        started.set()
+        await asyncio.sleep(0.3)  # a slow history read
+        return await read(*args, **kw)
+
+    broker.history = slow_history  # type: ignore[method-assign]
+    c = await sq.raw(connect=True)
+    await c.send({"id": 2, "subscribe": {"channel": "chat:p", "recoverable": True}})
+    await asyncio.wait_for(started.wait(), 2)
+    sq.hub.on_gap(["chat:p"])
+    first = await c.next()
+    assert "subscribe" in first, first
+    push = await c.next_push()
+    assert push["push"]["unsubscribe"] == {"code": 2500, "reason": "insufficient state"}
+    assert "chat:p" not in sq.hub.channels
+    await asyncio.sleep(0.1)
+    assert (await sq.hub.presence_manager.presence("chat:p")) == {}
+
+
+async def test_connection_closed_during_connect_leaves_no_subscription(squall):
+    """A connection closed by the server (here: shutdown) while connect subscribes its
+    token's channels leaves nothing behind: no client, no channel subscription."""
+    sq = await squall()
+    broker = sq.hub.broker
+    subscribe = broker.subscribe
+
+    async def slow_subscribe(channel: str) -> None:
+        if channel == "chat:a":
+            await asyncio.sleep(0.3)  # a slow broker subscribe
+        await subscribe(channel)
+
+    broker.subscribe = slow_subscribe  # type: ignore[method-assign]
+    c = await sq.raw()
+    channels = ["chat:a", "chat:b"]
+    await c.send({"id": 1, "connect": {"token": token("u", extra={"channels": channels})}})
+    await asyncio.sleep(0.1)
+    sq.hub.disconnect_all(codes.SHUTDOWN)
+    assert await c.closed() == (3001, "shutdown")
+    await asyncio.sleep(0.5)  # the slow subscribe has finished
+    assert not sq.hub.clients
+    assert not sq.hub.channels
+
+
+async def test_pushes_never_come_before_the_connect_reply(squall):
+    """Server API calls for a user whose connect is still subscribing its channels never
+    reach the client before the connect reply."""
+    sq = await squall()
+    broker = sq.hub.broker
+    subscribe = broker.subscribe
+
+    async def slow_subscribe(channel: str) -> None:
+        await asyncio.sleep(0.3)
+        await subscribe(channel)
+
+    broker.subscribe = slow_subscribe  # type: ignore[method-assign]
+    c = await sq.raw()
+    await c.send({"id": 1, "connect": {"token": token("u", extra={"channels": ["chat:s"]})}})
+    await asyncio.sleep(0.1)
+    await sq.api("send", {"user": "u", "data": {"early": True}})
+    await sq.api("subscribe", {"user": "u", "channel": "chat:t"})
+    first = await c.next()
+    assert "connect" in first, first
+    assert list(first["connect"]["subs"]) == ["chat:s"]
+
+
+async def test_a_failing_connection_does_not_stall_the_others_output(squall):
+    """A connection whose write fails unexpectedly is closed (logged); every other
+    connection in the same flush still gets its frames, then and later."""
+    sq = await squall()
+    broken = await sq.raw(connect=True, sub="broken")
+    await broken.command("subscribe", {"channel": "chat:f"})
+    ok = await sq.raw(connect=True, sub="ok")
+    await ok.command("subscribe", {"channel": "chat:f"})
+    client = next(c for c in sq.hub.clients.values() if c.user == "broken")
+    real = client.transport
+
+    class Broken:
+        remote = real.remote
+
+        def write(self, payload: bytes, frames: object) -> None:
+            raise RuntimeError("transport bug")
+
+        def close(self, code: int, reason: str) -> None:
+            real.close(code, reason)
+
+    client.transport = Broken()
+    with expect_log("squall.hub", r"flush failed client="):
+        for n in (1, 2):
+            await sq.api("publish", {"channel": "chat:f", "data": {"n": n}})
+            push = await ok.next_push()
+            while "pub" not in push["push"]:
+                push = await ok.next_push()
+            assert push["push"]["pub"]["data"] == {"n": n}
+    assert client.closed
+
+
+async def test_write_to_a_stream_tornado_closed_is_a_transport_error(squall):
+    """Writing to a connection whose stream Tornado already closed (its reader has not
+    noticed yet) reports the connection as gone instead of raising."""
+    from server.client import TransportError
+
+    sq = await squall()
+    await sq.raw(connect=True)
+    client = next(iter(sq.hub.clients.values()))
+    client.transport._stream.close()  # type: ignore[attr-defined]
+    with pytest.raises(TransportError):
+        client.transport.write(b"{}", {})

@@ -20,6 +20,7 @@ import pytest
 import tornado.httpclient
 import tornado.websocket
 
+from tests.handlers.test_protocol import chan, next_pub, subscribed
 from tests.helpers.logs import expect_log
 from tests.helpers.process import ProcessGroup
 from tests.helpers.server import API_KEY, SECRET, RawClient, RunningSquall, token
@@ -138,7 +139,8 @@ async def test_frame_at_the_size_limit_is_accepted(squall):
 
 async def test_too_many_commands_in_one_frame_closes_with_3501(squall):
     """More commands in one frame than client.max_commands_per_frame closes with 3501."""
-    sq, ok = await server_and_bystander(squall, **{"client.max_commands_per_frame": 3})
+    limits = {"client.max_commands_per_frame": 3, "client.max_channels": 2}
+    sq, ok = await server_and_bystander(squall, **limits)
     bad = await sq.raw(connect=True)
     with expect_log("squall.client", r"disconnect code=3501.*more than 3 commands"):
         await bad.send(*({"id": i, "ping": {}} for i in range(10, 14)))
@@ -453,6 +455,36 @@ async def test_slow_consumer_closed_with_3008_while_others_get_everything(squall
     assert msg["reason"] == "slow"
     assert received == list(range(1, len(received) + 1))
     assert len(received) < sent
+    await ok.still_works()
+
+
+async def test_backlog_overflow_in_a_fan_out_loses_nothing_for_the_others(squall):
+    """A subscriber whose backlog overflows in the middle of a fan-out gets 3008; the
+    subscribers after it in the same loop still get the publication, and the publish
+    succeeds."""
+    sq, ok = await server_and_bystander(squall, **{"client.max_queue_bytes": 8192})
+    shared, solo = "chat:" + chan(), "chat:" + chan()
+    before = await sq.raw(connect=True, sub="before")
+    await subscribed(before, shared)
+    slow = await sq.raw()
+    slow_id = (await slow.connect(sub="slow"))["connect"]["client"]
+    await subscribed(slow, solo)
+    await subscribed(slow, shared)
+    after = await sq.raw(connect=True, sub="after")
+    await subscribed(after, shared)
+    # One API batch runs in one loop turn: the big publication fills the slow
+    # client's backlog, the next one overflows it inside the shared channel's fan-out.
+    batch = [
+        {"publish": {"channel": solo, "data": {"b": "x" * 8150}}},
+        {"publish": {"channel": shared, "data": {"n": 1}}},
+    ]
+    with expect_log("squall.client", rf"disconnect code=3008 reason=slow client={slow_id}"):
+        reply = await sq.api("batch", {"commands": batch})
+        assert [r["publish"]["offset"] for r in reply["replies"]] == [1, 1], reply
+        for c in (before, after):
+            push = await next_pub(c, within=5)
+            assert (push["channel"], push["pub"]["data"]) == (shared, {"n": 1}), push
+        assert (await slow.closed())[0] == 3008
     await ok.still_works()
 
 

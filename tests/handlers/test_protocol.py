@@ -800,14 +800,18 @@ async def test_refresh_with_other_users_token_closes_with_3500(squall):
     assert reply == {"closed": 3500, "reason": "invalid token"}
 
 
-async def test_refresh_with_expired_token_gets_109(squall):
-    """Refreshing with an already expired token gets 109; the connection stays."""
+async def test_refresh_with_expired_token_disconnects_with_3005(squall):
+    """Refreshing with an already expired token closes with 3005 (Centrifugo's answer: the
+    SDK reconnects with a new token; an error reply would end a centrifuge-js client)."""
     sq = await squall()
     c = await sq.raw()
     await c.connect(token=token("alice", ttl=60))
     old = token("alice", ttl=None, extra={"exp": int(time.time()) - 5})
-    assert error_code(await c.command("refresh", {"token": old})) == 109
-    assert "ping" in await c.command("ping")
+    with expect_log("squall.client", r"disconnect code=3005 .*refresh token expired"):
+        assert await c.command("refresh", {"token": old}) == {
+            "closed": 3005,
+            "reason": "connection expired",
+        }
 
 
 async def test_connection_expires_with_3005_when_not_refreshed(squall):
@@ -866,6 +870,19 @@ async def test_sub_refresh_with_token_for_another_channel_gets_103(squall):
     await subscribed(c, ch, token=token("alice", channel=ch, ttl=60))
     reply = await c.command("sub_refresh", {"channel": ch, "token": token("alice", channel="x:y")})
     assert error_code(reply) == 103
+
+
+async def test_sub_refresh_with_expired_token_gets_a_temporary_109(squall):
+    """sub_refresh with an expired channel token gets 109 marked temporary, so the SDKs
+    fetch a new token and retry; the subscription stays until it expires."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "private:" + chan()
+    await subscribed(c, ch, token=token("alice", channel=ch, ttl=60))
+    old = token("alice", channel=ch, ttl=None, extra={"exp": int(time.time()) - 5})
+    reply = await c.command("sub_refresh", {"channel": ch, "token": old})
+    assert reply["error"] == {"code": 109, "message": "token expired", "temporary": True}
+    assert ch in sq.hub.clients[next(iter(sq.hub.clients))].subs
 
 
 async def test_sub_refresh_when_not_subscribed_gets_103(squall):

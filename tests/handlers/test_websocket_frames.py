@@ -319,6 +319,7 @@ BROKEN = {
     "a control frame over 125 bytes": frame(PING, b"x" * 126),
     "invalid UTF-8 in a text frame": frame(TEXT, b'{"id": 2, "ping": {"x": "\xff\xfe"}}'),
     "an unknown opcode": frame(0x3, command(2, "ping")),
+    "a close frame whose reason is not UTF-8": frame(CLOSE, struct.pack("!H", 4000) + b"\xff\xfe"),
     "a new message inside a fragmented one": frame(TEXT, b'{"id": 2,', fin=False)
     + frame(TEXT, command(3, "ping")),
 }
