@@ -6,7 +6,12 @@ handlers that take a body stream it instead (``tornado.web.stream_request_body``
 and raise the limit for their request: an oversize body is read and dropped, up
 to ``MAX_DISCARD_BYTES``, so that the client gets a 413 rather than a reset
 while it is still sending. A declared length over ``MAX_DISCARD_BYTES`` is
-refused at once; a chunked body past it still loses its connection.
+refused at once; a chunked body past it (and past ``api.max_body_bytes``) still
+loses its connection.
+
+Either way a body within ``api.max_body_bytes`` is accepted, however large that
+is configured: ``MAX_DISCARD_BYTES`` only bounds what is read of a body that is
+refused anyway, never what is accepted.
 """
 
 from __future__ import annotations
@@ -43,8 +48,10 @@ class BoundedBody(tornado.web.RequestHandler):
                 return False
             connection.set_max_body_size(int(length))  # read, and dropped in data_received
         elif not length and isinstance(connection, HTTP1Connection):
-            # A chunked body: counted in data_received, past the server's limit.
-            connection.set_max_body_size(MAX_DISCARD_BYTES)
+            # A chunked body: counted in data_received, past the server's limit. The
+            # connection takes at least max_body, as with a Content-Length: a bigger
+            # configured limit must not be cut at MAX_DISCARD_BYTES.
+            connection.set_max_body_size(max(max_body, MAX_DISCARD_BYTES))
         return True
 
     def data_received(self, chunk: bytes) -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from typing import Any, Final
 
@@ -63,6 +64,10 @@ log = logging.getLogger("squall.api.telemetry")
 DEFAULT_RANGE_MS: Final = 3_600_000  # a query without ``from`` covers the hour before ``to``
 DEFAULT_STEPS: Final = 300  # a query without ``step`` asks for about this many steps
 MIN_DEFAULT_STEP_MS: Final = 1000
+# from/to/step: JavaScript's largest exact integer (Number.MAX_SAFE_INTEGER), so a
+# dashboard reads back exactly what it sent; as a date, the year 287396.
+MAX_QUERY_MS: Final = 2**53 - 1
+INT_ARG_RE: Final = re.compile(r"-?[0-9]+")  # fullmatch; [0-9], not \d: ASCII digits only
 
 STATUS_FOR_CODE: Final = {
     codes.UNAUTHORIZED.code: 401,
@@ -279,16 +284,25 @@ class DeviceTelemetryHandler(TelemetryHandler):
         }
 
     def _int_arg(self, name: str, default: int) -> int:
-        raw = self.get_query_argument(name, None)
+        """A query parameter in ms: plain ASCII digits only, up to ``MAX_QUERY_MS``.
+
+        ``int()`` alone (and Tornado's default strip) would take ``1_000``,
+        ``" 1000"``, ``+5`` and non-ASCII digits, and any size: a value past 64
+        bits cannot be encoded in the reply (a 500) nor sent in a MongoDB query.
+        Refused: 400 naming the parameter.
+        """
+        raw = self.get_query_argument(name, None, strip=False)
         if raw is None or raw == "":
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise Refused(codes.BAD_REQUEST, f"{name}: expected integer milliseconds") from None
-        if value < 0:
+        if not INT_ARG_RE.fullmatch(raw):
+            raise Refused(codes.BAD_REQUEST, f"{name}: expected integer milliseconds")
+        digits = raw.removeprefix("-").lstrip("0") or "0"
+        if raw.startswith("-") and digits != "0":
             raise Refused(codes.BAD_REQUEST, f"{name}: must not be negative")
-        return value
+        # Length first: int() of thousands of digits is slow, and refused past 4300.
+        if len(digits) > len(str(MAX_QUERY_MS)) or int(digits) > MAX_QUERY_MS:
+            raise Refused(codes.BAD_REQUEST, f"{name}: at most {MAX_QUERY_MS} ms")
+        return int(digits)
 
 
 def telemetry_routes(hub: Hub, verifier: TokenVerifier) -> list[tuple[str, type, dict[str, Any]]]:

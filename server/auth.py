@@ -4,7 +4,7 @@ Only the algorithms whose keys are configured are accepted: HS256 with
 ``token.hmac_secret``, RS256 with ``token.rsa_public_key``, ES256 with
 ``token.ecdsa_public_key``. ``alg: none`` and every other algorithm are
 rejected before any signature check. ``exp`` and ``nbf`` are always checked
-when present; ``aud``/``iss`` when configured.
+when present (NumericDates, fractions allowed); ``aud``/``iss`` when configured.
 
 Connection token claims: ``sub`` (user id, ``""`` = anonymous), ``exp``,
 ``info`` (any JSON, shown to other clients in presence and publications),
@@ -28,6 +28,7 @@ cache's memory).
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -148,9 +149,7 @@ class TokenVerifier:
         sub = claims.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError("sub claim must be a string")
-        exp = claims.get("exp", 0)
-        if not isinstance(exp, int) or isinstance(exp, bool):
-            raise TokenError("exp claim must be an integer")
+        _expiry(claims)  # raises for a bad exp
         return claims
 
     def connection(self, token: str) -> Credentials:
@@ -181,7 +180,7 @@ class TokenVerifier:
             raise TokenError("meta claim must be an object")
         return Credentials(
             user=claims.get("sub", ""),
-            exp=claims.get("exp", 0),
+            exp=_expiry(claims),
             info=_raw_json(claims, "info"),
             channels=tuple(channels),
             meta=meta,
@@ -196,7 +195,7 @@ class TokenVerifier:
         if claims.get("sub", "") != user:
             raise TokenError("token is for another user")
         return ChannelCredentials(
-            user=user, channel=channel, exp=claims.get("exp", 0), info=_raw_json(claims, "info")
+            user=user, channel=channel, exp=_expiry(claims), info=_raw_json(claims, "info")
         )
 
 
@@ -212,6 +211,20 @@ def claim_globs_match(claims: Mapping[str, Any], claim: str, name: str) -> bool:
     if not isinstance(patterns, list):
         return False
     return any(isinstance(p, str) and fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _expiry(claims: Mapping[str, Any]) -> int:
+    """The ``exp`` claim in whole unix seconds (0 when absent). Raises ``TokenError``.
+
+    A NumericDate may have a fraction (RFC 7519; PyJWT accepts one). It is
+    floored, as PyJWT truncates it before its check: the token has expired once
+    floor(exp) <= now - leeway, which is also what the cache checks later with
+    ``Credentials.exp``, and what the connection's TTL counts down to.
+    """
+    exp = claims.get("exp", 0)
+    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+        raise TokenError("exp claim must be a number")
+    return math.floor(exp)
 
 
 def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:

@@ -14,6 +14,7 @@ or feature where the field comment says so.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
@@ -111,7 +112,9 @@ class ClientConfig:
     pong_timeout: float = 8.0  # seconds to answer a ping; 0 = pings but no pong check
     expired_close_delay: float = 25.0  # grace after token exp before 3005 unless refreshed
     max_frame_bytes: int = 64 * 1024  # inbound WebSocket message; bigger -> close 1009
-    max_commands_per_frame: int = 100  # commands in one newline-batched frame
+    # Commands in one newline-batched frame. centrifuge-js sends connect and every
+    # subscribe in one frame, so this must stay above max_channels (checked).
+    max_commands_per_frame: int = 1000
     max_queue_bytes: int = 1024 * 1024  # outbound backlog per connection; over -> 3008 slow
     max_channels: int = 128  # subscriptions per connection
     max_channel_length: int = 255  # characters in a channel name
@@ -120,13 +123,13 @@ class ClientConfig:
     write_delay: float = 0.0  # seconds to wait to coalesce outgoing frames; 0 = next loop tick
     flush_share: float = 0.75  # at most this share of time goes to writing frames; 1 = no pacing
     compression: bool = False  # offer permessage-deflate (costs ~47 KiB RAM per connection)
-    presence_interval: float = 25.0  # seconds between presence refreshes
+    presence_interval: float = 25.0  # seconds between presence refreshes; below presence_ttl
     presence_ttl: float = 60.0  # seconds a presence entry lives without refresh
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ApiConfig:
-    key: str = ""  # X-API-Key / "Authorization: apikey KEY"; empty disables the API
+    key: str = ""  # X-API-Key / "Authorization: apikey KEY"; empty disables the API; ASCII
     max_body_bytes: int = 1024 * 1024  # HTTP API request body
 
 
@@ -343,7 +346,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected a number, got {str(value)!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
             raise ConfigError(f"{key}: expected a non-negative number of seconds, got {value!r}")
-        return float(value)
+        return _finite(value, key)
     if tp is str:
         if value is None:
             return ""
@@ -369,6 +372,23 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             out[name] = _coerce(vtype, sub, f"{key}.{name}")
         return types.MappingProxyType(out)
     raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _finite(value: float, key: str) -> float:
+    """``value`` as a finite float, for every float setting.
+
+    YAML's ``.nan`` and ``.inf`` (and ``nan``/``inf`` from the environment) are
+    floats: NaN passes every ``<``/``<=`` check and breaks requests later (an
+    ``int(nan)`` per call), infinity overflows the first ``int()`` at start-up.
+    An integer too large for a float overflows too. All refused here, by key.
+    """
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ConfigError(f"{key}: expected a finite number, got one too large") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return number
 
 
 MAX_BSON_DOCUMENT_BYTES: Final = 16 * 1024 * 1024  # MongoDB's document size limit
@@ -434,6 +454,7 @@ def _check(cfg: Config) -> None:
         "client.max_channel_length": cfg.client.max_channel_length,
         "client.max_commands_per_frame": cfg.client.max_commands_per_frame,
         "client.connect_timeout": cfg.client.connect_timeout,
+        "client.presence_interval": cfg.client.presence_interval,
         "client.presence_ttl": cfg.client.presence_ttl,
         "server.node_heartbeat_interval": cfg.server.node_heartbeat_interval,
         "server.node_expiry": cfg.server.node_expiry,
@@ -451,6 +472,8 @@ def _check(cfg: Config) -> None:
         )
     if cfg.client.command_rate > 0 and cfg.client.command_burst < 1:
         raise ConfigError("client.command_burst: must be at least 1 when command_rate is set")
+    _check_client(cfg.client)
+    _check_api_key(cfg.api.key)
     for origin in cfg.client.allowed_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise ConfigError(
@@ -488,6 +511,39 @@ def _check(cfg: Config) -> None:
         )
 
 
+def _check_client(c: ClientConfig) -> None:
+    """Limits that depend on each other; each message says what would break."""
+    if c.max_commands_per_frame <= c.max_channels:
+        # centrifuge-js batches connect and every subscribe into one frame: a client
+        # at max_channels would be closed with 3501 (no reconnect) on every connect.
+        raise ConfigError(
+            f"client.max_commands_per_frame: must be greater than client.max_channels "
+            f"({c.max_channels}), since centrifuge-js sends connect and every subscribe "
+            f"in one frame, got {c.max_commands_per_frame}"
+        )
+    if c.presence_interval >= c.presence_ttl:
+        # The hub refreshes live subscribers' entries every presence_interval; entries
+        # expire presence_ttl after the last refresh, so they would lapse in between.
+        raise ConfigError(
+            f"client.presence_interval: must be shorter than client.presence_ttl "
+            f"({c.presence_ttl}), or presence entries expire between refreshes, "
+            f"got {c.presence_interval}"
+        )
+
+
+def _check_api_key(key: str) -> None:
+    """The key must be able to match a header: printable ASCII, no outer whitespace.
+
+    Tornado decodes header values as latin-1 and strips them, and the API compares
+    the key's UTF-8 bytes: any other key could never authenticate a request.
+    """
+    if key and not (key.isascii() and key.isprintable() and key == key.strip()):
+        raise ConfigError(
+            "api.key: must be printable ASCII without leading or trailing spaces "
+            "(it is compared with an HTTP header)"
+        )
+
+
 def _check_public_key(key: str, pem: str, alg: str) -> None:
     """Parse a configured PEM now, so a bad key stops start-up instead of every connect."""
     if not pem:
@@ -513,7 +569,7 @@ def _check_telemetry(t: TelemetryConfig) -> None:
         "telemetry.max_device_updates": t.max_device_updates,
     }
     require_positive(positive)
-    if t.bucket_seconds * 1000 != int(t.bucket_seconds * 1000):
+    if not (t.bucket_seconds * 1000).is_integer():  # also false past the float range
         raise ConfigError(
             f"telemetry.bucket_seconds: must be whole milliseconds, got {t.bucket_seconds}"
         )

@@ -110,6 +110,26 @@ def test_token_without_exp_never_expires():
     assert creds.channels == ()
 
 
+def test_fractional_numeric_dates_are_accepted():
+    """RFC 7519 NumericDates may have fractions (PyJWT accepts them): exp, nbf and iat
+    with a fraction are valid; exp is kept in whole seconds, rounded down, so the
+    connection never outlives the token."""
+    exp = future() + 0.75
+    claims = {"sub": "alice", "exp": exp, "nbf": time.time() - 1.5, "iat": time.time() - 0.5}
+    creds = verifier().connection(hs256(claims))
+    assert creds.user == "alice"
+    assert creds.exp == int(exp)
+    assert isinstance(creds.exp, int)
+    chan = verifier().channel(hs256({**claims, "channel": "news"}), user="alice", channel="news")
+    assert chan.exp == int(exp)
+
+
+def test_fractional_exp_that_has_passed_is_expired():
+    """A fractional exp in the past is refused as expired (refreshable), not as invalid."""
+    exc = refused(verifier(), hs256({"sub": "alice", "exp": time.time() - 10.5}))
+    assert exc.expired
+
+
 def test_token_without_sub_is_anonymous():
     """A token without sub is the anonymous user ''."""
     assert verifier().connection(hs256({"exp": future()})).user == ""
@@ -304,7 +324,9 @@ def test_malformed_token_is_rejected(token):
     [
         {"sub": 42},
         {"sub": "a", "exp": "tomorrow"},
+        {"sub": "a", "exp": str(future())},
         {"sub": "a", "exp": True},
+        {"sub": "a", "exp": None},
         {"sub": "a", "channels": "news"},
         {"sub": "a", "channels": ["news", 1]},
         {"sub": "a", "meta": ["x"]},
@@ -429,6 +451,26 @@ def test_a_remembered_token_still_expires_with_the_same_leeway():
     assert refused(lenient, token).expired
     # Forgotten once expired: with the real clock (before exp) it is verified afresh.
     assert TokenVerifier(TokenConfig(hmac_secret=SECRET)).connection(token).user == "alice"
+
+
+def test_a_remembered_fractional_exp_expires_like_pyjwt_says():
+    """A remembered token with exp = E.9 expires when PyJWT would refuse it afresh: once
+    E <= now - leeway (PyJWT drops the fraction), not 0.9 s later nor earlier."""
+    now = [time.time()]
+    whole = int(now[0]) + 100
+    token = hs256({"sub": "alice", "exp": whole + 0.9})
+    for leeway in (0.0, 30.0):
+        v = TokenVerifier(TokenConfig(hmac_secret=SECRET, leeway=leeway), clock=lambda: now[0])
+        now[0] = time.time()
+        assert v.connection(token).exp == whole
+        now[0] = whole + leeway - 0.01
+        assert v.connection(token).user == "alice"
+        now[0] = whole + leeway
+        assert refused(v, token).expired
+    # PyJWT agrees at the same instants (its clock is the real one: shift exp instead).
+    fresh = verifier()
+    assert refused(fresh, hs256({"sub": "a", "exp": int(time.time()) + 0.9})).expired
+    assert fresh.connection(hs256({"sub": "a", "exp": int(time.time()) + 2.5})).user == "a"
 
 
 def test_refused_tokens_are_never_remembered(monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from server.config import DEFAULT_CONFIG_PATH, ClientConfig, Config, config_from_dict, load_config
+from server.config import (
+    DEFAULT_CONFIG_PATH,
+    ChannelOptions,
+    ClientConfig,
+    Config,
+    config_from_dict,
+    load_config,
+)
 from server.errors import ConfigError
 
 
@@ -425,3 +433,136 @@ def test_engine_settings_are_checked_when_the_config_loads(section, key, value):
     """A bad Redis or MongoDB setting stops start-up at load (exit 2), not at engine start."""
     with pytest.raises(ConfigError, match=rf"^{section}\.{key}: must be greater than 0"):
         config_from_dict({section: {key: value}})
+
+
+# ---------------------------------------------------------------------- numbers and limits
+
+
+def float_settings() -> list[str]:
+    """Every float setting as a dotted key (namespaces through namespace ``ns``)."""
+    keys = []
+    for section, tp in typing.get_type_hints(Config).items():
+        if section == "namespaces":
+            tp, section = ChannelOptions, "namespaces.ns"
+        keys += [f"{section}.{name}" for name, t in typing.get_type_hints(tp).items() if t is float]
+    return keys
+
+
+FLOAT_SETTINGS = float_settings()
+
+
+def test_float_settings_are_all_found():
+    """The generic checks below cover durations of every section (the list is not empty)."""
+    for key in (
+        "telemetry.online_timeout",
+        "telemetry.bucket_seconds",
+        "client.presence_interval",
+        "namespaces.ns.history_ttl",
+    ):
+        assert key in FLOAT_SETTINGS
+    assert len(FLOAT_SETTINGS) > 30
+
+
+@pytest.mark.parametrize("key", FLOAT_SETTINGS)
+@pytest.mark.parametrize("text", [".nan", ".inf", ".NaN", ".Inf"])
+def test_non_finite_number_is_refused_for_every_float_setting(tmp_path, key, text):
+    """YAML's .nan/.inf stop start-up with one message naming the key, for every float
+    setting (NaN used to load and break requests later, .inf to crash start-up)."""
+    *parents, name = key.split(".")
+    yaml_text = "".join(f"{'  ' * i}{p}:\n" for i, p in enumerate(parents))
+    yaml_text += f"{'  ' * len(parents)}{name}: {text}\n"
+    message = config_error(tmp_path, yaml_text)
+    assert message.startswith(key + ": expected a finite number, got "), message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 10**400])
+def test_non_finite_or_overflowing_number_is_refused_from_plain_data(value):
+    """Overrides and config_from_dict get the same check; an integer too big for a float
+    is refused too, instead of an OverflowError."""
+    with pytest.raises(ConfigError, match=r"^telemetry\.bucket_seconds: expected a finite"):
+        config_from_dict({"telemetry": {"bucket_seconds": value}})
+
+
+def test_huge_bucket_seconds_is_a_config_error_not_a_crash():
+    """A finite bucket_seconds whose milliseconds overflow is refused, not a traceback."""
+    with pytest.raises(ConfigError, match=r"^telemetry\.bucket_seconds:"):
+        config_from_dict({"telemetry": {"bucket_seconds": 1e306}})
+
+
+@pytest.mark.parametrize(
+    ("client", "message"),
+    [
+        ({"presence_interval": 0}, "client.presence_interval: must be greater than 0"),
+        ({"presence_interval": 60}, "client.presence_interval: must be shorter than"),
+        ({"presence_interval": 90}, "client.presence_interval: must be shorter than"),
+        ({"presence_ttl": 20}, "client.presence_interval: must be shorter than"),
+    ],
+)
+def test_presence_interval_must_be_positive_and_shorter_than_ttl(client, message):
+    """Live subscribers' presence entries are refreshed every presence_interval and expire
+    presence_ttl after the last refresh: an interval of 0 (no refresh) or not below the
+    ttl would make them vanish while the clients are still subscribed."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"client": client})
+    assert str(info.value).startswith(message), info.value
+    assert "\n" not in str(info.value)
+
+
+def test_presence_interval_below_ttl_loads():
+    cfg = config_from_dict({"client": {"presence_interval": 5, "presence_ttl": 5.5}})
+    assert (cfg.client.presence_interval, cfg.client.presence_ttl) == (5.0, 5.5)
+
+
+def test_default_commands_per_frame_fit_a_full_centrifuge_js_connect():
+    """centrifuge-js sends connect and every subscribe in one frame: by default a client
+    with max_channels subscriptions is far from the per-frame limit."""
+    client = config_from_dict({}).client
+    assert client.max_commands_per_frame == 1000
+    assert client.max_commands_per_frame > client.max_channels + 1
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        {"max_commands_per_frame": 100},  # the old default, below max_channels 128
+        {"max_commands_per_frame": 128},
+        {"max_channels": 1000},
+        {"max_channels": 5000, "max_commands_per_frame": 4000},
+    ],
+)
+def test_commands_per_frame_must_exceed_max_channels(client):
+    """A per-frame limit at or below max_channels would close such a JS client with 3501 on
+    every connect: refused at load, with one line saying why."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"client": client})
+    message = str(info.value)
+    assert message.startswith("client.max_commands_per_frame: must be greater than"), message
+    assert "client.max_channels" in message
+    assert "centrifuge-js" in message
+    assert "\n" not in message
+
+
+def test_commands_per_frame_above_max_channels_loads():
+    cfg = config_from_dict({"client": {"max_channels": 2000, "max_commands_per_frame": 2001}})
+    assert (cfg.client.max_channels, cfg.client.max_commands_per_frame) == (2000, 2001)
+
+
+@pytest.mark.parametrize(
+    "key", ["schlüssel", "ключ", "key\u00a0x", "key\tx", " key", "key ", "key\n", "\u2003"]
+)
+def test_api_key_that_no_header_can_match_is_refused(tmp_path, key):
+    """Tornado reads header values as latin-1 and strips them, the API compares UTF-8: a
+    non-ASCII key (or one with outer spaces or control characters) could never match.
+    Refused at load (from YAML or SQUALL_API_KEY), naming the setting but not showing it."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"api": {"key": key}})
+    message = config_error(tmp_path, "", {"SQUALL_API_KEY": key})
+    assert message == str(info.value)
+    assert message.startswith("api.key: must be printable ASCII"), message
+    assert repr(key) not in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["k", "a b", "!#$%&'()*+,-./0123456789:;<=>?@[\\]^_`{|}~"])
+def test_printable_ascii_api_keys_load(key):
+    assert config_from_dict({"api": {"key": key}}).api.key == key

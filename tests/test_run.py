@@ -82,6 +82,37 @@ def test_invalid_config_exits_2_with_one_line_naming_the_key(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("text", "env", "key"),
+    [
+        ("telemetry: {bucket_seconds: .inf}\n", {}, "telemetry.bucket_seconds"),
+        ("telemetry: {online_timeout: .nan}\n", {}, "telemetry.online_timeout"),
+        ("client: {presence_interval: 60, presence_ttl: 60}\n", {}, "client.presence_interval"),
+        (
+            "client: {max_channels: 100, max_commands_per_frame: 100}\n",
+            {},
+            "client.max_commands_per_frame",
+        ),
+        ("api: {key: schlüssel}\n", {}, "api.key"),
+        ("", {"SQUALL_API_KEY": "schlüssel"}, "api.key"),
+    ],
+)
+def test_unusable_values_exit_2_with_one_line_naming_the_key(tmp_path, text, env, key):
+    """Non-finite numbers, presence refreshed no faster than it expires, a per-frame limit
+    a full JS connect cannot fit, and an API key no header can match: each stops run.py
+    with exit 2 and one line naming the key (not a traceback, not a server that fails
+    later)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    result = run_cli(["--config", str(path), "--port", str(free_port())], env=env, timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"squall: invalid configuration: {key}"), lines[0]
+    assert "schlüssel" not in lines[0]
+    assert result.stdout == ""
+
+
 async def test_token_command_prints_tokens_the_server_accepts(procs):
     """`run.py token --sub alice --ttl 60` (and `--channel`) print JWTs the server accepts."""
     proc = procs().start()

@@ -692,6 +692,39 @@ async def test_api_oversize_chunked_body_gets_413(squall):
     await ok.still_works()
 
 
+async def test_chunked_body_within_a_large_limit_is_accepted_like_one_with_length(
+    squall, monkeypatch
+):
+    """A body within api.max_body_bytes is accepted chunked (no Content-Length) exactly as
+    with a Content-Length, also when the limit is configured above MAX_DISCARD_BYTES
+    (64 MiB; 1000 bytes here, so the test stays small): that cap only bounds what is
+    read of a refused body, it does not cut chunked bodies short."""
+    monkeypatch.setattr("handlers.body.MAX_DISCARD_BYTES", 1000)
+    sq, ok = await server_and_bystander(squall, **{"api.max_body_bytes": 4000})
+    data = "x" * 3000
+
+    async def produce(write: Any) -> None:
+        await write(b'{"channel": "lobby", "data": "')
+        for _ in range(5):
+            await write(b"x" * 600)
+        await write(b'"}')
+
+    resp = await tornado.httpclient.AsyncHTTPClient().fetch(
+        f"{sq.http_url}/api/publish",
+        method="POST",
+        body_producer=produce,
+        headers={"X-API-Key": API_KEY},
+        raise_error=False,
+    )
+    assert resp.code == 200, resp
+    assert "result" in orjson.loads(resp.body)
+    assert (await ok.client.next_push())["push"]["pub"]["data"] == data
+    status, reply = await api_call(sq, "publish", orjson.dumps({"channel": "lobby", "data": data}))
+    assert (status, "result" in reply) == (200, True), reply
+    assert (await ok.client.next_push())["push"]["pub"]["data"] == data
+    await ok.still_works()
+
+
 async def test_api_oversize_body_gets_413(squall):
     """A server API body over api.max_body_bytes gets 413 and is not processed."""
     sq, ok = await server_and_bystander(squall, **{"api.max_body_bytes": 1000})

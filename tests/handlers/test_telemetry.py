@@ -426,6 +426,43 @@ async def test_query_api_validates_parameters(squall):
         assert message in body["error"]["message"], (params, body)
 
 
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"to": "100000000000000000000000000000"}, "to: at most 9007199254740991 ms"),
+        ({"from_": "9" * 5000}, "from: at most 9007199254740991 ms"),
+        ({"from_": 0, "to": 10**12, "step": 10**25}, "step: at most 9007199254740991 ms"),
+        ({"to": 2**53}, "to: at most 9007199254740991 ms"),
+        ({"to": "-" + "9" * 30}, "to: must not be negative"),
+        ({"to": "1_000"}, "to: expected integer milliseconds"),
+        ({"to": " 1000"}, "to: expected integer milliseconds"),
+        ({"to": "1000 "}, "to: expected integer milliseconds"),
+        ({"to": "+1000"}, "to: expected integer milliseconds"),
+        ({"to": "\u0661\u0660\u0660\u0660"}, "to: expected integer milliseconds"),  # Arabic-Indic
+        ({"step": "\uff11\uff10"}, "step: expected integer milliseconds"),  # fullwidth 10
+    ],
+)
+async def test_query_api_refuses_huge_or_odd_integers_with_400(squall, params, message):
+    """A time or step past 2**53 ms, or not plain ASCII digits, is a 400 naming the
+    parameter (never a 500 because the reply cannot be encoded)."""
+    sq = await squall()
+    code, body = await query(sq, "d1", metric="v", **params)
+    assert (code, body["error"]["code"]) == (400, 107), body
+    assert body["error"]["message"] == message
+
+
+async def test_query_api_accepts_the_largest_times_and_leading_zeros(squall):
+    """2**53 - 1 ms is the largest time a query takes; leading zeros and "-0" are plain numbers."""
+    sq = await squall()
+    top = 2**53 - 1
+    code, body = await query(sq, "d1", metric="v", from_=top - MINUTE, to=top, step=MINUTE)
+    assert code == 200, body
+    assert (body["from"], body["to"], body["step"]) == (top - MINUTE, top, MINUTE)
+    code, body = await query(sq, "d1", metric="v", from_="-0", to="000120000", step="0060000")
+    assert code == 200, body
+    assert (body["from"], body["to"], body["step"]) == (0, 120_000, 60_000)
+
+
 async def test_query_defaults_cover_the_last_hour(squall):
     """Without from/to/step: the hour before now, in steps of about 1/300 of it."""
     sq = await squall()
