@@ -34,8 +34,16 @@ task owns reading; ``subscribe``/``unsubscribe`` write under a FIFO lock, so
 commands for one channel reach Redis in call order, and each reply pops the
 oldest pending request of its channel. When the link drops, the listener
 reconnects with capped, jittered exponential backoff, resubscribes every
-channel, and then calls ``BrokerEvents.on_gap`` with them. While the link is
-down, ``subscribe`` and ``ping`` raise ``EngineError`` at once, and
+channel, and then calls ``BrokerEvents.on_gap`` with them. It resubscribes
+in batches of ``_SUBSCRIBE_BATCH`` channels, each batch bounded on its own,
+so a node with any number of channels can come back; publications that
+arrive before the last batch is confirmed are dropped (``on_gap`` covers
+them), control messages are not. The backoff starts over only once a link
+has stayed up for ``max(reconnect_max_delay, _STABLE_LINK)`` seconds, so a
+link Redis drops right after accepting it (``client-output-buffer-limit
+pubsub``, ``CLIENT KILL`` in a loop) is retried ever more slowly, not many
+times a second, each time with a gap. While the link is down (or being
+resubscribed), ``subscribe`` and ``ping`` raise ``EngineError`` at once, and
 ``unsubscribe`` just forgets the channel. Every event, the publishing node's
 own included, arrives through the listener (never directly), so once per
 subscribed node, possibly after ``publish`` has returned.
@@ -43,7 +51,8 @@ subscribed node, possibly after ``publish`` has returned.
 Commands use a bounded pool (``redis.max_connections``; callers wait for a
 free connection) without retries: a publish that timed out may have been
 applied, and retrying it would publish twice. Every redis-py
-exception is mapped to ``EngineError`` here; each operation is bounded by
+exception is mapped to ``EngineError`` here; each operation (and each step of
+setting up the pub/sub link: connecting, one SUBSCRIBE batch) is bounded by
 ``2 * redis.socket_timeout``.
 
 Needs Redis >= 6.2 (exclusive XRANGE bounds); not Redis Cluster.
@@ -91,6 +100,8 @@ T = TypeVar("T")
 _LUA_DIR: Final = Path(__file__).resolve().parent / "redis_lua"
 _PUB, _JOIN, _LEAVE, _CONTROL, _PROBE = b"p"[0], b"j"[0], b"l"[0], b"c"[0], b"?"[0]
 _ERRORS: Final = (RedisError, OSError)  # OSError covers TimeoutError and socket errors
+_SUBSCRIBE_BATCH: Final = 1000  # channels per SUBSCRIBE while (re)connecting the pub/sub link
+_STABLE_LINK: Final = 2.0  # seconds up (at least; or reconnect_max_delay) to reset the backoff
 
 
 def _lua(name: str) -> str:
@@ -443,33 +454,86 @@ class RedisBroker:
     # ------------------------------------------------------------------ the listener
 
     async def _connect_link(self) -> tuple[AbstractConnection, list[str]]:
-        """Open a pub/sub connection subscribed to control + every wanted channel."""
+        """Open a pub/sub connection subscribed to control + every wanted channel.
+
+        Channels go out in batches of ``_SUBSCRIBE_BATCH``; the connect and each
+        batch (send it, read its replies) are bounded by ``2 * socket_timeout``
+        apiece, so any number of channels fits, and the loop gets a turn
+        between batches. ``_conn`` stays ``None`` meanwhile: ``subscribe``
+        refuses and ``unsubscribe`` only forgets, so nothing else writes to the
+        new connection. Returns the link and the channels it resubscribed.
+        """
         pool = self._redis.connection_pool
         conn = pool.connection_class(**pool.connection_kwargs)
         try:
             async with asyncio.timeout(self._op_timeout):
                 # redis-py leaves connect() unannotated.
                 await conn.connect()  # type: ignore[no-untyped-call]
-                async with self._send_lock:
-                    wanted = dict(self._wanted)
-                    keys = [self._control_key, *wanted]
-                    await conn.send_command(b"SUBSCRIBE", *keys, check_health=False)
-                    for _ in keys:
-                        reply = await conn.read_response()
-                        if not isinstance(reply, list) or reply[0] != b"subscribe":
-                            raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r:.80}")
-                    self._pending.clear()
-                    self._conn = conn
+            # Nothing adds to _wanted while _conn is None, so this snapshot is complete.
+            sent = dict(self._wanted)
+            keys = list(sent)
+            await self._subscribe_batch(conn, [self._control_key, *keys[:_SUBSCRIBE_BATCH]])
+            for i in range(_SUBSCRIBE_BATCH, len(keys), _SUBSCRIBE_BATCH):
+                await asyncio.sleep(0)  # a turn for the loop (our own batch reads need none)
+                # Skip what was unsubscribed meanwhile (forgotten, as the link was down).
+                batch = [k for k in keys[i : i + _SUBSCRIBE_BATCH] if k in self._wanted]
+                if batch:
+                    await self._subscribe_batch(conn, batch)
+            async with self._send_lock:
+                channels: list[str] = []
+                stale: list[bytes] = []
+                for key in sent:
+                    channel = self._wanted.get(key)
+                    if channel is None:
+                        stale.append(key)
+                    else:
+                        channels.append(channel)
+                self._pending.clear()
+                if stale:  # unsubscribed after its batch went out: drop it on the new link
+                    for key in stale:
+                        self._pending.setdefault(key, deque()).append(None)
+                    async with asyncio.timeout(self._op_timeout):
+                        await conn.send_command(b"UNSUBSCRIBE", *stale, check_health=False)
+                self._conn = conn
         except BaseException:
             await self._disconnect(conn)
             raise
-        return conn, [ch for key, ch in wanted.items() if key in self._wanted]
+        return conn, channels
+
+    async def _subscribe_batch(self, conn: AbstractConnection, keys: list[bytes]) -> None:
+        """SUBSCRIBE ``keys`` on a link being set up and read every reply, bounded.
+
+        Publications that arrive meanwhile (on keys of earlier batches) are
+        dropped: ``on_gap`` reports those channels once the link is up, and
+        the hub hears nothing of them before that. Control messages and
+        probes are dispatched as usual.
+        """
+        async with asyncio.timeout(self._op_timeout):
+            await conn.send_command(b"SUBSCRIBE", *keys, check_health=False)
+            left = len(keys)
+            while left:
+                reply = await conn.read_response(timeout=math.inf)  # the batch is bounded
+                kind = reply[0] if isinstance(reply, list) and reply else None
+                if kind == b"subscribe":
+                    left -= 1
+                elif kind == b"message":
+                    if reply[1] == self._control_key:
+                        self._on_message(reply[1], reply[2])
+                else:
+                    raise RedisError(f"unexpected reply to SUBSCRIBE: {reply!r:.80}")
 
     async def _listen_forever(self, conn: AbstractConnection | None) -> None:
         backoff = Backoff(self._cfg.reconnect_delay, self._cfg.reconnect_max_delay)
+        # A link must stay up this long before the next reconnect starts from the
+        # first delay again: a link Redis accepts and then drops at once (output
+        # buffer limit, CLIENT KILL in a loop) keeps backing off instead of
+        # reconnecting, and reporting a gap, many times a second.
+        stable_after = max(self._cfg.reconnect_max_delay, _STABLE_LINK)
+        up_since = time.monotonic()
         while True:
             if conn is None:
                 conn, channels = await self._reconnect(backoff)
+                up_since = time.monotonic()
                 log.info(
                     "redis pubsub link to %s restored; resubscribed %d channels",
                     self._where,
@@ -487,6 +551,8 @@ class RedisBroker:
                 log.exception("redis pubsub listener failed; reconnecting")
             await self._disconnect(conn)
             conn = None
+            if time.monotonic() - up_since >= stable_after:
+                backoff.reset()
 
     def _link_lost(self, exc: Exception) -> None:
         self._conn = None
@@ -496,15 +562,11 @@ class RedisBroker:
         while True:
             await asyncio.sleep(backoff.next())
             try:
-                result = await self._connect_link()
+                return await self._connect_link()
             except _ERRORS as exc:
                 log.debug("redis pubsub reconnect to %s failed: %s", self._where, exc)
-                continue
             except Exception:
                 log.exception("redis pubsub reconnect failed")
-                continue
-            backoff.reset()
-            return result
 
     async def _read_link(self, conn: AbstractConnection) -> None:
         """Dispatch pub/sub messages until the link fails (raises)."""
