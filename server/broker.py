@@ -66,6 +66,10 @@ class PublishOptions:
     info: ClientInfo | None = None
     tags: Mapping[str, str] | None = None
     idempotency_key: str = ""  # same key within history_ttl -> same position, no new publication
+    # The stream must have offsets already: if it has none (the broker lost it, or
+    # it expired), raise ``StreamMissing`` instead of starting a new epoch.
+    # Persistent channels use it: the hub then continues the stream from the store.
+    require_stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,6 +27,7 @@ from server.broker import (
     PublishOptions,
     StreamPosition,
 )
+from server.errors import StreamMissing
 
 DEFAULT_META_TTL: Final = 24 * 3600.0  # seconds a stream position outlives its last use
 MAX_IDEMPOTENCY_KEYS: Final = 10_000
@@ -96,6 +97,10 @@ class MemoryBroker:
                 return seen[0]
         epoch, offset = "", 0
         if opts.history_size > 0 and opts.history_ttl > 0:
+            if opts.require_stream:
+                known = self._streams.get(channel)
+                if known is None or not known.offset:
+                    raise StreamMissing(f"stream of {channel!r} has no position")
             stream = self._stream(channel, now)
             stream.offset += 1
             epoch, offset = stream.epoch, stream.offset

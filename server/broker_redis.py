@@ -91,7 +91,7 @@ from server.broker import (
     StreamPosition,
 )
 from server.config import RedisConfig, check_redis
-from server.errors import ConfigError, EngineError
+from server.errors import ConfigError, EngineError, StreamMissing
 
 log = logging.getLogger("squall.broker.redis")
 
@@ -348,9 +348,13 @@ class RedisBroker:
             _ms(meta_ttl),
             _new_epoch(),
             _ms(opts.history_ttl if history else self._cfg.idempotency_ttl),
+            "1" if opts.require_stream else "0",
         ]
         reply = await self._call("publish", lambda: self._publish_script(keys=keys, args=args))
-        return _position(reply)
+        position = _position(reply)
+        if position.offset < 0:
+            raise StreamMissing(f"stream of {channel!r} has no position in redis")
+        return position
 
     async def publish_join(self, channel: str, info: ClientInfo) -> None:
         payload = b"j" + orjson.dumps(_encode_info(info))

@@ -53,6 +53,10 @@ class EngineError(SquallError):
     """A broker or store operation failed (unreachable, timed out, rejected)."""
 
 
+class StreamMissing(EngineError):
+    """A publish with ``require_stream`` found no stream position: nothing was published."""
+
+
 class StoreFullError(EngineError):
     """The durable write-behind queue is full; the publish was not accepted."""
 

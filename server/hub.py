@@ -66,7 +66,13 @@ from server.broker import (
     StreamPosition,
 )
 from server.config import ChannelOptions, Config
-from server.errors import ClientError, EngineError, StoreFullError, StoreRejectedError
+from server.errors import (
+    ClientError,
+    EngineError,
+    StoreFullError,
+    StoreRejectedError,
+    StreamMissing,
+)
 from server.metrics import Metrics
 from server.protocol import encode_push, pub_to_dict
 from server.protocol.codec import info_to_dict
@@ -150,7 +156,9 @@ class Hub:
         self._flush_not_before = 0.0  # time.monotonic() before which no flush starts (_flush)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._restored: OrderedDict[str, None] = OrderedDict()
+        # Persistent channels whose broker stream was set from the store in this
+        # process -> whether the stream has durable positions (see _restore).
+        self._restored: OrderedDict[str, bool] = OrderedDict()
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed: asyncio.Future[None] | None = None  # see _subscribed_future
@@ -592,7 +600,22 @@ class Hub:
         self._store_reserved += 1
         try:
             await self._restore(channel)
-            return await self._publish(channel, data, opts, info, tags, idempotency_key)
+            try:
+                position = await self._publish(
+                    channel, data, opts, info, tags, idempotency_key, last_try=False
+                )
+            except StreamMissing:
+                # The broker lost the stream while this process ran (Redis restarted
+                # without its data, or the position expired): continue it from the
+                # store rather than start a new epoch that hides the durable history.
+                log.warning(
+                    "the broker lost the stream of %s; continuing it from the store", channel
+                )
+                await self._restore(channel, again=True)
+                position = await self._publish(channel, data, opts, info, tags, idempotency_key)
+            if position.offset and channel in self._restored:
+                self._restored[channel] = True
+            return position
         finally:
             self._store_reserved -= 1
 
@@ -604,10 +627,30 @@ class Hub:
         info: ClientInfo | None,
         tags: dict[str, str] | None,
         idempotency_key: str,
+        *,
+        last_try: bool = True,
     ) -> StreamPosition:
-        popts = self.publish_options(opts, info=info, tags=tags, idempotency_key=idempotency_key)
+        """Publish through the broker, then append to the store (persistent channels).
+
+        Raises:
+            StreamMissing: the broker has no position for a persistent channel
+                that has durable ones, unless ``last_try`` (then 100, like any
+                engine failure).
+        """
+        popts = self.publish_options(
+            opts,
+            info=info,
+            tags=tags,
+            idempotency_key=idempotency_key,
+            require_stream=opts.persist and self._restored.get(channel, False),
+        )
         try:
             position = await self.broker.publish(channel, data, popts)
+        except StreamMissing:
+            if not last_try:
+                raise
+            log.warning("publish to %s failed: the broker lost its stream again", channel)
+            raise ClientError(codes.INTERNAL) from None
         except EngineError as exc:
             if opts.history_enabled or opts.persist or idempotency_key or self._broker_linked():
                 log.warning("publish to %s failed: %s", channel, exc)
@@ -692,9 +735,15 @@ class Hub:
         pub = Publication(0, "", data, popts.info, int(time.time() * 1000), popts.tags)
         self.on_publication(channel, pub)
 
-    async def _restore(self, channel: str) -> None:
-        """Continue a persistent channel's offsets from the store (once per process)."""
-        if channel in self._restored:
+    async def _restore(self, channel: str, *, again: bool = False) -> None:
+        """Continue a persistent channel's offsets from the store.
+
+        Once per process (and channel), or ``again`` when the broker turned out
+        to have lost the stream since: a publish then gets ``StreamMissing``,
+        a history read position 0. ``_restored`` remembers whether the store
+        had a position: from then on publishes require the broker's stream.
+        """
+        if channel in self._restored and not again:
             self._restored.move_to_end(channel)
             return
         try:
@@ -704,7 +753,8 @@ class Hub:
         except EngineError as exc:
             log.warning("restoring position of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
-        self._restored[channel] = None
+        self._restored[channel] = latest is not None
+        self._restored.move_to_end(channel)
         while len(self._restored) > RESTORED_CACHE:
             self._restored.popitem(last=False)
 
@@ -736,6 +786,10 @@ class Hub:
             if opts.persist:
                 await self._restore(channel)
             page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
+            if opts.persist and not page.position.offset and self._restored.get(channel):
+                # The broker lost the stream (see _restore): continue it, read again.
+                await self._restore(channel, again=True)
+                page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
             if not opts.persist or limit == 0:
                 return page
             top = page.position

@@ -6,7 +6,8 @@
 -- ARGV[3] history size         ARGV[4] history ttl (ms)
 -- ARGV[5] meta ttl (ms)        ARGV[6] epoch to use if the stream is new
 -- ARGV[7] idempotency ttl (ms)
--- Returns {offset, epoch}.
+-- ARGV[8] "1": the stream must have offsets already (else nothing happens)
+-- Returns {offset, epoch}; {-1, ""} when ARGV[8] is "1" and the stream has no offsets.
 local meta, stream, idem = KEYS[1], KEYS[2], KEYS[3]
 
 if idem then
@@ -19,6 +20,9 @@ end
 local offset, epoch = 0, ''
 local size = tonumber(ARGV[3])
 if size > 0 then
+  if ARGV[8] == '1' and not redis.call('HGET', meta, 'o') then
+    return {-1, ''}
+  end
   epoch = redis.call('HGET', meta, 'e')
   if not epoch then
     -- The stream was lost (or never existed): a new epoch, and no stale items.

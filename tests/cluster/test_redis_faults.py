@@ -280,3 +280,33 @@ async def test_pubsub_link_killed_on_one_instance_its_subscribers_recover_exactl
     assert [c.code for k, c in ev_b.events if k == "subscribing" and c.code] == []
     for events in (alice_events, bob_events):
         assert events.drain("connecting") == []
+
+
+async def test_redis_restarted_without_its_data_persistent_channels_continue_their_stream(
+    redis_server, cluster
+):
+    """A persistent channel's stream outlives Redis losing its data while Squall runs: reads
+    and publishes continue from the store's offsets in the same epoch, never a new epoch that
+    would hide the durable history."""
+    (node,) = await cluster.start_async(1)
+    read_first, publish_first = "persist:read-first", "persist:publish-first"
+    epochs = {}
+    for ch in (read_first, publish_first):
+        for n in (1, 2, 3):
+            result = await api_ok(node, "publish", {"channel": ch, "data": {"n": n}})
+            assert result["offset"] == n
+        epochs[ch] = result["epoch"]
+
+    redis_server.kill()
+    redis_server.start()  # the same port, empty
+    await until(lambda: _status_is(node, "/ready", 200), what="/ready 200")
+
+    page = await api_ok(node, "history", {"channel": read_first, "limit": -1})
+    assert (page["offset"], page["epoch"]) == (3, epochs[read_first])
+    assert [p["data"]["n"] for p in page["publications"]] == [1, 2, 3]
+    for ch in (read_first, publish_first):
+        result = await api_ok(node, "publish", {"channel": ch, "data": {"n": 4}})
+        assert (result["offset"], result["epoch"]) == (4, epochs[ch])
+        page = await api_ok(node, "history", {"channel": ch, "limit": -1})
+        assert [p["data"]["n"] for p in page["publications"]] == [1, 2, 3, 4]
+        assert (page["offset"], page["epoch"]) == (4, epochs[ch])

@@ -277,6 +277,26 @@ async def test_restore_position_keeps_a_live_stream(broker: Engines) -> None:
     assert await broker.broker.publish(ch, b"2", HISTORY) == StreamPosition(2, live.epoch)
 
 
+async def test_publish_requiring_a_stream_never_starts_a_new_epoch(broker: Engines) -> None:
+    """require_stream (persistent channels): with no position (lost, expired, or a history
+    read that only fixed an epoch) the publish raises StreamMissing and changes nothing;
+    once the stream is restored it continues it."""
+    from server.errors import StreamMissing
+
+    ch = channel()
+    required = PublishOptions(history_size=10, history_ttl=60.0, require_stream=True)
+    with pytest.raises(StreamMissing):
+        await broker.broker.publish(ch, b"1", required)
+    read = await broker.peer.history(ch)  # fixes an epoch, assigns no offset
+    assert read.position.offset == 0
+    with pytest.raises(StreamMissing):
+        await broker.peer.publish(ch, b"1", required)
+    assert (await broker.broker.history(ch, limit=None)).publications == []
+    await broker.broker.restore_position(ch, StreamPosition(7, "durable"))
+    assert await broker.peer.publish(ch, b"8", required) == StreamPosition(8, "durable")
+    assert await broker.broker.publish(ch, b"9", required) == StreamPosition(9, "durable")
+
+
 # ---------------------------------------------------------------------- delivery
 
 
