@@ -775,6 +775,16 @@ class Client:
         opts = self._hub.config.channel_options(channel)
         if opts is None or channel in self.subs or self._closed:
             return
+        limit = self._hub.config.client.max_channels
+        if len(self.subs) >= limit:
+            log.warning(
+                "server subscribe %s skipped client=%s user=%s: client.max_channels (%d) reached",
+                channel,
+                self.id,
+                self.user,
+                limit,
+            )
+            return
         chan_info = None if info is None else info.encode()
         reply, after = await self._subscribe(channel, opts, {}, chan_info, 0, server_side=True)
         push = {

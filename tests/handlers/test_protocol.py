@@ -990,6 +990,19 @@ async def test_server_api_subscribe_and_unsubscribe_pushes(squall):
     assert push["unsubscribe"] == {"code": 2000, "reason": "server unsubscribe"}
 
 
+async def test_server_api_subscribe_stops_at_max_channels(squall):
+    """Server API subscribe does not take a connection past client.max_channels (logged)."""
+    sq = await squall(**{"client.max_channels": 2})
+    c = await sq.raw(connect=True)
+    for ch in ("chat:" + chan(), "chat:" + chan()):
+        await subscribed(c, ch)
+    over = "chat:" + chan()
+    with expect_log("squall.client", r"server subscribe .* client.max_channels \(2\) reached"):
+        assert await sq.api("subscribe", {"user": "alice", "channel": over}) == {"result": {}}
+    assert over not in sq.hub.channels
+    assert await c.command("ping") == {"id": 4, "ping": {}}  # no subscribe push came first
+
+
 async def test_server_api_send_pushes_a_message(squall):
     """Server API send delivers a `message` push to the user's connections only."""
     sq = await squall()
