@@ -26,10 +26,16 @@ Ordering and positions
     ``reverse``) within one epoch: the epoch of ``since`` when given (that
     epoch's publications, even if a later epoch exists), else the epoch of
     ``latest``. ``latest`` is the highest offset within the epoch of the
-    channel's last *accepted* publication (queued or written).
+    channel's last *accepted* publication (queued or written). Publications
+    may be appended out of offset order (concurrent publishes complete in
+    any order), so ``latest`` is not simply the last one appended: it must
+    never go below an accepted offset of its epoch, or a restarted node would
+    hand out a taken offset.
 
 Retention
     ``PersistOptions.size`` keeps at most that many publications per channel,
+    the newest: the highest offsets of the current epoch (``latest``'s), then,
+    while those are fewer, the most recently accepted of older epochs.
     ``ttl`` drops those older than that many seconds; the implementation
     enforces both itself (TTL indexes are not available on every
     MongoDB-compatible server). Reads never return a publication older than

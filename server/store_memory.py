@@ -5,6 +5,12 @@ retention by size and age) but lives only as long as the process, so it
 gives persistent namespaces deep history without surviving restarts.
 Expired publications are skipped by every read and deleted at the channel's
 next ``append``.
+
+Publications may be appended out of offset order (concurrent publishes
+complete in any order). A channel's publications are kept in acceptance
+order, except that one arriving after higher offsets of its own epoch is
+put before them: then the front is always the oldest (what size retention
+drops) and ``latest`` is never an offset below one already accepted.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from server.store import PersistOptions, Store, StoreStatus
 
 class MemoryStore:
     def __init__(self) -> None:
-        # channel -> {(epoch, offset): (expires_at, publication)} in arrival order;
+        # channel -> {(epoch, offset): (expires_at, publication)} in arrival order,
+        # offsets ascending within the trailing run of one epoch (module docstring);
         # expires_at is time.monotonic() based, inf without a ttl
         self._channels: dict[str, dict[tuple[str, int], tuple[float, Publication]]] = {}
 
@@ -34,7 +41,15 @@ class MemoryStore:
         if key in items:
             return  # idempotent retry
         now = time.monotonic()
+        # Late (a higher offset of its epoch came first): it goes before those.
+        later = []
+        for k in reversed(items):
+            if k[0] != pub.epoch or k[1] < pub.offset:
+                break
+            later.append(k)
+        moved = [(k, items.pop(k)) for k in reversed(later)]
         items[key] = (now + opts.ttl if opts.ttl > 0 else math.inf, pub)
+        items.update(moved)
         while items:  # expired ones at the front (reads skip any others)
             first = next(iter(items))
             if items[first][0] > now:
@@ -69,8 +84,10 @@ class MemoryStore:
         items = self._channels.get(channel)
         if not items:
             return None
-        _, last = items[next(reversed(items))]
-        return StreamPosition(last.offset, last.epoch)
+        # The last accepted names the epoch; the offset is that epoch's highest
+        # (a late publication of an older epoch may follow its higher offsets).
+        epoch = next(reversed(items))[0]
+        return StreamPosition(max(o for e, o in items if e == epoch), epoch)
 
     async def remove(self, channel: str) -> None:
         self._channels.pop(channel, None)

@@ -21,7 +21,12 @@ Read path
     queue is snapshotted before the query, then deduplicated by position),
     so history and recovery see a publication as soon as ``append`` returned.
     ``latest`` names the epoch of the most recently *accepted* publication of
-    the channel (as ``MemoryStore`` does) and the highest offset of that epoch.
+    the channel (as ``MemoryStore`` does) and the highest offset of that epoch,
+    queued or stored: not the offset of the last one accepted, because
+    concurrent publishes (through Redis, or from several nodes) can reach the
+    store out of offset order, and a ``latest`` that went back would make a
+    restarted node hand out an offset that is taken (the new publication's
+    insert would then hit the duplicate key and be lost as "already stored").
 
 Documents (collection ``MongoConfig.collection``)::
 
@@ -41,8 +46,10 @@ Documents (collection ``MongoConfig.collection``)::
 Indexes, created idempotently by ``start``
     ``channel_epoch_offset`` unique (channel, epoch, offset): idempotent
     writes, and serves ``read_since`` (equality on channel and epoch, range
-    and sort on offset). ``channel_recent`` (channel, created_at -1,
-    offset -1): ``latest`` of a channel and size trimming. ``expire_at``: a
+    and sort on offset; also the top offset of an epoch, ``latest``).
+    ``channel_recent`` (channel, created_at -1, offset -1): the channel's
+    most recently accepted document, whose epoch is the current one, and
+    acceptance order in size trimming. ``expire_at``: a
     TTL index (``expireAfterSeconds: 0``, each document carries its own
     deadline because ``ttl`` differs per channel) where the server supports
     it; FerretDB v1 answers NotImplemented, so there it is a plain index and
@@ -53,7 +60,15 @@ Retention
     pass every ``retention_interval`` deletes up to ``retention_batch``
     expired documents (when there is no TTL index) and trims up to
     ``retention_batch`` channels, written to since the last pass, to their
-    newest ``PersistOptions.size`` publications (ordered by acceptance).
+    newest ``PersistOptions.size`` publications: the highest offsets of the
+    current epoch, then (while that has fewer) those of older epochs, most
+    recently accepted first. Offsets, not acceptance order, rank a stream's
+    publications because they may be accepted out of order.
+
+Shutdown
+    ``close`` wakes the flusher from a retry backoff (the server may be back
+    by then) and lets it go on retrying, from ``retry_delay`` again, until
+    ``shutdown_flush_timeout``.
 
 FerretDB v1 (SQLite backend) pushes only ``_id`` equality down to SQLite:
 every other filter and sort runs over a full scan, so on FerretDB the
@@ -71,7 +86,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -110,6 +125,16 @@ class _Pending:
     size: int  # PersistOptions.size, applied once written
     expire_at: datetime | None
     accepted: float  # time.monotonic()
+    created_at: datetime  # as stored
+
+
+@dataclass(frozen=True, slots=True)
+class _TrimMark:
+    """A channel to trim to ``size``: the last publication of it written here."""
+
+    size: int
+    epoch: str  # the current epoch, as far as this node knows
+    created_at: datetime
 
 
 class _Client:
@@ -158,13 +183,15 @@ class MongoStore:
         self._queue: deque[_Pending] = deque()
         # channel -> {(epoch, offset): item}, in acceptance order (for merged reads)
         self._pending: dict[str, dict[tuple[str, int], _Pending]] = {}
-        self._trim: dict[str, int] = {}  # channels written since the last pass -> size
+        self._trim: dict[str, _TrimMark] = {}  # channels written since the last pass
         self._write_lock = asyncio.Lock()  # one writer: flusher batch or remove()
         self._wakeup = asyncio.Event()  # something was queued (or close started)
         self._batch_ready = asyncio.Event()  # a full batch waits (or close started)
         self._drained = asyncio.Event()
         self._drained.set()
         self._stop = asyncio.Event()  # background tasks return at their next step
+        self._close_started = asyncio.Event()  # cuts the flusher's retry backoff short
+        self._backoff = Backoff(cfg.retry_delay, cfg.retry_max_delay)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closing = False
@@ -201,6 +228,8 @@ class MongoStore:
             asyncio.create_task(self._flush_forever(), name="squall-mongo-flusher"),
             asyncio.create_task(self._retention_forever(), name="squall-mongo-retention"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_report_death(log))
         log.info(
             "mongo store started driver=%s hosts=%s database=%s collection=%s ttl_index=%s",
             self._cfg.driver,
@@ -215,6 +244,10 @@ class MongoStore:
         if self._closing:
             return
         self._closing = True
+        # A flusher sleeping in its retry backoff retries at once (the server may
+        # be back) and, failing again, from retry_delay on: within the deadline.
+        self._backoff.reset()
+        self._close_started.set()
         self._wakeup.set()
         self._batch_ready.set()
         if self._started and self._queue:
@@ -290,12 +323,9 @@ class MongoStore:
         # has it.
         queued = list(self._pending.get(channel, {}).values())
         if since is None:
-            epoch = queued[-1].pub.epoch if queued else None
+            epoch = queued[-1].pub.epoch if queued else await self._db_epoch(channel)
             if epoch is None:
-                pos = await self._db_latest(channel)
-                if pos is None:
-                    return []
-                epoch = pos.epoch
+                return []
         else:
             epoch = since.epoch
         if limit == 0:
@@ -317,18 +347,19 @@ class MongoStore:
         return pubs if limit is None else pubs[:limit]
 
     async def latest(self, channel: str) -> StreamPosition | None:
-        queued = list(self._pending.get(channel, {}).values())  # snapshot before the query
-        stored = await self._db_latest(channel)
-        if not queued:
-            return stored
-        # The last accepted publication names the epoch. A queued retry of an
-        # already stored publication must not pull the offset back, so the
-        # top offset is the highest of that epoch, queued or stored.
-        epoch = queued[-1].pub.epoch
-        top = max(p.pub.offset for p in queued if p.pub.epoch == epoch)
-        if stored is not None and stored.epoch == epoch:
-            top = max(top, stored.offset)
-        return StreamPosition(top, epoch)
+        queued = list(self._pending.get(channel, {}).values())  # snapshot before the queries
+        # The last accepted publication names the epoch; the offset is the
+        # highest of that epoch, queued or stored: publications may be accepted
+        # out of offset order, and a queued retry of a stored one must not pull
+        # the offset back either.
+        epoch = queued[-1].pub.epoch if queued else await self._db_epoch(channel)
+        if epoch is None:
+            return None
+        top = await self._db_top(channel, epoch)
+        for item in queued:
+            if item.pub.epoch == epoch and (top is None or item.pub.offset > top):
+                top = item.pub.offset
+        return None if top is None else StreamPosition(top, epoch)
 
     async def remove(self, channel: str) -> None:
         """Drop the channel's queued and stored publications.
@@ -346,12 +377,13 @@ class MongoStore:
 
     def status(self) -> StoreStatus:
         oldest = time.monotonic() - self._queue[0].accepted if self._queue else 0.0
+        dead = _stopped_task(self._tasks)
         return StoreStatus(
-            ready=self._avail.ready,
+            ready=self._avail.ready and not dead,
             queue_depth=len(self._queue),
             queue_limit=self._cfg.queue_size,
             last_write_latency=self._last_latency,
-            error="" if self._avail.ready else self._avail.error,
+            error=dead or ("" if self._avail.ready else self._avail.error),
             extra={
                 "driver": self._cfg.driver,
                 "database": self._cfg.database,
@@ -448,19 +480,21 @@ class MongoStore:
                 f"bytes, over the limit of {self._cfg.max_document_bytes} "
                 "(mongodb.max_document_bytes)"
             )
-        return _Pending(channel, pub, RawBSONDocument(raw), opts.size, expire_at, time.monotonic())
-
-    async def _db_latest(self, channel: str) -> StreamPosition | None:
-        doc = await self._run(
-            self._coll().find_one(
-                {"channel": channel},
-                {"_id": 0, "offset": 1, "epoch": 1},
-                sort=[("created_at", -1), ("offset", -1)],
-            )
+        return _Pending(
+            channel, pub, RawBSONDocument(raw), opts.size, expire_at, time.monotonic(), now
         )
-        if doc is None:
-            return None
-        return StreamPosition(int(doc["offset"]), str(doc["epoch"]))
+
+    async def _db_epoch(self, channel: str) -> str | None:
+        """The epoch of the channel's most recently accepted stored publication."""
+        query, projection, sort = _recent_query(channel)
+        doc = await self._run(self._coll().find_one(query, projection, sort=sort))
+        return None if doc is None else str(doc["epoch"])
+
+    async def _db_top(self, channel: str, epoch: str) -> int | None:
+        """The highest stored offset of one epoch of the channel."""
+        query, projection, sort = _top_query(channel, epoch)
+        doc = await self._run(self._coll().find_one(query, projection, sort=sort))
+        return None if doc is None else int(doc["offset"])
 
     async def _run(self, op: Any) -> Any:
         """Await one driver operation, mapping driver errors to ``EngineError``."""
@@ -479,7 +513,7 @@ class MongoStore:
     async def _flush_forever(self) -> None:
         from pymongo.errors import PyMongoError
 
-        backoff = Backoff(self._cfg.retry_delay, self._cfg.retry_max_delay)
+        backoff = self._backoff
         while not self._stop.is_set():
             if not self._queue:
                 self._wakeup.clear()
@@ -498,14 +532,24 @@ class MongoStore:
             except PyMongoError as exc:
                 self._retries += 1
                 self._mark_down(exc)
-                await _wait(self._stop, backoff.next())
+                await self._retry_pause()
                 continue
             except Exception:
                 # A bug, not an outage: say so loudly, keep the queue, keep trying.
                 log.exception("mongo store flusher failed; retrying")
-                await _wait(self._stop, backoff.next())
+                await self._retry_pause()
                 continue
             backoff.reset()
+
+    async def _retry_pause(self) -> None:
+        """Sleep before the flusher retries a batch: the backoff, cut short by ``close``.
+
+        Once closing, the pause is the backoff again (restarted by ``close``):
+        the queue is written as soon as the server answers, until the deadline
+        (``_stop``) ends it.
+        """
+        delay = self._backoff.next()
+        await _wait(self._stop if self._closing else self._close_started, delay)
 
     async def _flush_batch(self) -> None:
         from pymongo.errors import BulkWriteError
@@ -532,7 +576,7 @@ class MongoStore:
                     if not queued:
                         del self._pending[item.channel]
                 if item.size > 0:
-                    self._trim[item.channel] = item.size
+                    self._trim[item.channel] = _TrimMark(item.size, item.pub.epoch, item.created_at)
             if not self._queue:
                 self._drained.set()
         self._written += len(batch)
@@ -624,26 +668,56 @@ class MongoStore:
         for channel in list(itertools.islice(self._trim, self._cfg.retention_batch)):
             if self._stop.is_set():
                 return
-            size = self._trim.pop(channel)
+            mark = self._trim.pop(channel, None)
+            if mark is None:
+                continue  # remove() dropped the channel while an earlier one was trimmed
             try:
-                await self._trim_channel(coll, channel, size)
+                await self._trim_channel(coll, channel, mark)
             except BaseException:
-                self._trim.setdefault(channel, size)  # try again next pass
+                self._trim.setdefault(channel, mark)  # try again next pass
                 raise
 
-    async def _trim_channel(self, coll: Any, channel: str, size: int) -> None:
+    async def _trim_channel(self, coll: Any, channel: str, mark: _TrimMark) -> None:
+        """Keep the channel's newest ``mark.size`` publications (module docstring, Retention).
+
+        The current epoch is that of the last publication written here (the
+        most recently accepted one, unless another node has begun a new epoch
+        meanwhile: then each node keeps its epoch's and the older epochs'
+        are trimmed as usual). Two commands a pass, over its size or not (three
+        more when older epochs are to be trimmed): on FerretDB each one scans
+        the collection. Driver errors pass through as they are: the retention
+        loop reports them at DEBUG (readiness is the flusher's call).
+        """
+        size = mark.size
+        current, projection, sort = _top_query(channel, mark.epoch)
+        # Older epochs: only what was accepted before the current epoch's newest,
+        # so a stream begun meanwhile (a newer epoch) is never deleted.
+        older = {
+            "channel": channel,
+            "epoch": {"$ne": mark.epoch},
+            "created_at": {"$lte": mark.created_at},
+        }
+        boundary = await coll.find_one(current, projection, sort=sort, skip=size)
+        if boundary is not None:  # the current epoch alone fills ``size``
+            await coll.delete_many(
+                {"$or": [older, {**current, "offset": {"$lte": boundary["offset"]}}]}
+            )
+            return
+        recent, _, by_acceptance = _recent_query(channel)
+        if await coll.find_one(recent, {"_id": 1}, sort=by_acceptance, skip=size) is None:
+            return  # no more than ``size`` in all (the common case)
+        room = size - await coll.count_documents(current)
+        if room < 0:
+            return  # grew past size meanwhile: the next pass trims it
         boundary = await coll.find_one(
-            {"channel": channel},
-            {"_id": 0, "created_at": 1, "offset": 1},
-            sort=[("created_at", -1), ("offset", -1)],
-            skip=size,
+            older, {"_id": 0, "created_at": 1, "offset": 1}, sort=by_acceptance, skip=room
         )
         if boundary is None:
             return
         at = boundary["created_at"]
         await coll.delete_many(
             {
-                "channel": channel,
+                **older,
                 "$or": [
                     {"created_at": {"$lt": at}},
                     {"created_at": at, "offset": {"$lte": boundary["offset"]}},
@@ -665,6 +739,29 @@ def _bounds(since: StreamPosition | None, reverse: bool) -> tuple[int, int | Non
     if since is None:
         return 0, None
     return (0, since.offset) if reverse else (since.offset, None)
+
+
+def _recent_query(channel: str) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int]]]:
+    """``find_one`` arguments for the channel's most recently accepted document.
+
+    Served by ``channel_recent`` on MongoDB (equality on its prefix, its sort).
+    """
+    return (
+        {"channel": channel},
+        {"_id": 0, "epoch": 1, "created_at": 1},
+        [("created_at", -1), ("offset", -1)],
+    )
+
+
+def _top_query(
+    channel: str, epoch: str
+) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int]]]:
+    """``find_one`` arguments for the highest offset of one epoch of the channel.
+
+    Served by ``channel_epoch_offset`` on MongoDB (equality on channel and
+    epoch, the index walked backwards on offset).
+    """
+    return {"channel": channel, "epoch": epoch}, {"_id": 0, "offset": 1}, [("offset", -1)]
 
 
 def _history_query(
@@ -708,6 +805,35 @@ def _opt_bytes(value: Any) -> bytes | None:
 
 def _expired(expire_at: datetime | None, now: datetime) -> bool:
     return expire_at is not None and expire_at <= now
+
+
+def _stopped_task(tasks: Iterable[asyncio.Task[None]]) -> str:
+    """Why a background task of a running store ended (none should), or "" while all run.
+
+    ``close`` empties the task list first, so a task it stopped is never reported.
+    """
+    for task in tasks:
+        if not task.done():
+            continue
+        if task.cancelled():
+            reason = "cancelled"
+        elif (exc := task.exception()) is None:
+            reason = "returned"
+        else:
+            reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return f"background task {task.get_name()} stopped ({reason})"
+    return ""
+
+
+def _report_death(logger: logging.Logger) -> Callable[[asyncio.Task[None]], None]:
+    """A done-callback logging, at ERROR, a background task that ended with an exception:
+    whatever it did (writing, sealing, retention) has stopped; ``status`` says so too."""
+
+    def report(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("background task %s stopped", task.get_name(), exc_info=exc)
+
+    return report
 
 
 async def _wait(event: asyncio.Event, seconds: float | None) -> bool:

@@ -23,6 +23,8 @@ from server.telemetry_store import (
     TelemetryStore,
     bucket_range,
     bucket_start,
+    device_metric_limit,
+    keep_newest,
     retention_cutoff,
 )
 
@@ -52,6 +54,7 @@ class MemoryTelemetryStore:
     def __init__(self, cfg: TelemetryConfig) -> None:
         self._cfg = cfg
         self._bucket_ms = int(cfg.bucket_seconds * 1000)
+        self._metric_limit = device_metric_limit(cfg)
         self._devices: dict[str, _Device] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -78,6 +81,13 @@ class MemoryTelemetryStore:
             bucket = dev.buckets.get(start)
             if bucket is None:
                 bucket = dev.buckets[start] = _Bucket()
+            # Last values: per metric the newest ts wins, and at the same ts (this
+            # point sent again) the value seen first stays, as in the Mongo store,
+            # whose cache cannot tell a point sent again once it is written.
+            for metric, value in point.values.items():
+                last = dev.last.get(metric)
+                if last is None or point.ts > last[0]:
+                    dev.last[metric] = (point.ts, value)
             if point.ts in bucket.points:
                 continue  # idempotent: (device, ts) is already stored
             bucket.points[point.ts] = point
@@ -87,9 +97,7 @@ class MemoryTelemetryStore:
                     bucket.stats[metric] = MetricStats.of(value)
                 else:
                     stats.add(value)
-                last = dev.last.get(metric)
-                if last is None or point.ts >= last[0]:
-                    dev.last[metric] = (point.ts, value)
+        keep_newest(dev.last, self._metric_limit)
 
     async def query(
         self, device: str, metric: str, start: int, end: int, step: int

@@ -8,7 +8,10 @@ Documents
     Collection ``telemetry.points_collection`` holds the points, the source of
     truth, in *chunks*: the points of one device in one bucket that one write
     carried, in ``ts`` order, with one array per metric (``null`` where a point
-    lacks that metric)::
+    lacks that metric). A chunk is cut short at ``MAX_CHUNK_CELLS`` points x
+    metric columns (or about ``MAX_CHUNK_BYTES``): points with many different
+    metrics would otherwise make one document too large for the server
+    (``chunk_runs``)::
 
         {_id: "<device>/<bucket start>/<first ts>/<digest>", d: str, b: int64,
          w: int64,                                 # write time (ms), orders duplicates
@@ -46,11 +49,12 @@ Each point counts once
     lost acknowledgement, another node) must not count twice. A chunk whose
     ``ts`` list was stored already has the same ``_id``, and the insert's
     duplicate key means "already stored"; that covers a batch sent again
-    whole. A point that comes back in a chunk of other points is stored a
-    second time, and every read (queries, summaries) counts each ``(device,
-    ts)`` once, with the values of the chunk written first (lowest ``w``,
-    then ``_id``: every node picks the same). Points still queued here are
-    never queued twice.
+    whole (the cut into chunks depends only on the points, so the same points
+    make the same chunks). A point that comes back in a chunk of other points
+    is stored a second time, and every read (queries, summaries) counts each
+    ``(device, ts)`` once, with the values of the chunk written first (lowest
+    ``w``, then ``_id``: every node picks the same). Points still queued here
+    are never queued twice.
 
 Write path
     ``add`` queues points (bounded by ``telemetry.queue_size`` points;
@@ -60,15 +64,24 @@ Write path
     as chunks, unordered (both servers go on after a duplicate and report every
     error). A duplicate chunk counts as stored; a chunk the server refuses
     outright is dropped with its points and logged at ERROR, as in
-    ``MongoStore``. Any other failure keeps the batch queued, marks the store
-    not ready and retries with capped, jittered backoff. A write that times
+    ``MongoStore``. Any other driver failure keeps the batch queued, marks
+    the store not ready and retries with capped, jittered backoff; ``close``
+    cuts a backoff short and retries until its deadline. A write that times
     out may still be running on the server, and the same amount of work would
     time out again: batches (and device updates per write) shrink by half, and
-    grow back by a quarter after each write that succeeds.
+    grow back by a quarter after each write that succeeds. An unexpected
+    error (a bug, or a document the driver will not send) is logged at ERROR
+    and shrinks writes the same way until the failing write is as small as it
+    gets; that one is then dropped (``_flush_failed``): the flusher never
+    stops, and one bad point costs itself, not the node's telemetry.
 
-    Device documents are upserted (``$max`` of ``last_seen``, ``$set`` of the
-    last values merged per metric by ``ts`` in the cache; the first time this
-    process writes a device it reads the stored document and merges it in), at
+    Device documents are upserted: ``$max`` of ``last_seen``, ``$set`` of the
+    last values the cache holds, ``$unset`` of those it forgot (beyond
+    ``device_metric_limit``, see ``telemetry_store``). The cache merges the
+    last values per metric by ``ts``, keeping the value seen first at an
+    equal ``ts``; the first time this process writes a device it reads the
+    stored document and merges it in, the stored value winning an equal
+    ``ts`` (it was seen first). They are written at
     most every ``telemetry.device_write_interval`` per device and
     ``telemetry.max_device_updates`` per write, devices taking turns, and only
     while no backlog of points waits (or at close), always after the points in
@@ -86,6 +99,9 @@ Sealing
     nodes sealing the same bucket end with the complete summary). Points that
     reach the server later than that (queued through an outage) first delete
     the bucket's summary, then are inserted, and the bucket is sealed again.
+    A summary read while the bucket was written again is not stored (the
+    next pass seals it), and a bucket of more than ``SUMMARY_METRICS``
+    metrics is not summarized at all (too slow to write for what it saves).
     Sealing is an optimisation: a bucket without a summary is answered from
     its points. Buckets a node wrote but could not seal before it stopped stay
     that way (exact, slower to query).
@@ -121,11 +137,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from bson.errors import InvalidDocument
+
 from server.backoff import Availability, Backoff
 from server.config import MongoConfig, TelemetryConfig
 from server.errors import ConfigError, EngineError, StoreFullError
 from server.store import StoreStatus
-from server.store_mongo import DUPLICATE_KEY_CODES, _Client, _hosts, _password, _wait
+from server.store_mongo import (
+    DUPLICATE_KEY_CODES,
+    _Client,
+    _hosts,
+    _password,
+    _report_death,
+    _stopped_task,
+    _wait,
+)
 from server.telemetry_store import (
     DeviceState,
     Downsampler,
@@ -135,6 +161,8 @@ from server.telemetry_store import (
     TelemetryStore,
     bucket_range,
     bucket_start,
+    device_metric_limit,
+    keep_newest,
     retention_cutoff,
 )
 
@@ -149,6 +177,11 @@ SEAL_GRACE: Final = 60.0  # seconds after a bucket stops taking points (end + ma
 MAX_UNSEALED: Final = 100_000  # buckets remembered for sealing; the oldest are forgotten beyond
 RETAIN_CHUNK: Final = 1000  # ids per retention delete
 MIN_WRITE_FACTOR: Final = 1 / 1024  # smallest share of batch_size/max_device_updates per write
+MAX_CHUNK_CELLS: Final = 4096  # points x metric columns in one chunk (values and nulls)
+MAX_CHUNK_BYTES: Final = 1 << 20  # estimated BSON size of one chunk (the server allows 16 MiB)
+CELL_BYTES: Final = 16  # BSON array element, at most: type, index (<= 5 digits + NUL), 8 bytes
+COLUMN_BYTES: Final = 8  # BSON per column besides its name: type, NUL, array length and end
+SUMMARY_METRICS: Final = 2048  # metrics of a bucket past which it is not summarized (stays exact)
 
 
 def metric_key(metric: str) -> str:
@@ -176,8 +209,48 @@ def chunk_bucket(cid: str) -> tuple[str, int]:
     return device, int(b)
 
 
+def chunk_runs(points: Sequence[Point]) -> list[list[Point]]:
+    """``points`` (one device and bucket, distinct ``ts``) in ``ts`` order, cut into the
+    runs stored as one chunk each.
+
+    A chunk has a column per metric any of its points carries, each as long as
+    the chunk, so its size is its points times its distinct metrics: one valid
+    frame (1000 points of 64 metrics, all different) would make a chunk of
+    64 million cells, far over the server's 16 MiB and seconds of encoding.
+    A run ends before the point that would take its chunk past
+    ``MAX_CHUNK_CELLS`` cells or about ``MAX_CHUNK_BYTES``; a point is never
+    split (one alone may exceed them). The cut depends only on the points, so
+    the same points always make the same chunks, with the same ``_id``: a batch
+    sent again is a duplicate key chunk by chunk.
+    """
+    runs: list[list[Point]] = []
+    run: list[Point] = []
+    columns: set[str] = set()
+    names = 0  # bytes of the run's column names, with their overhead
+    for point in sorted(points, key=lambda p: p.ts):
+        new = [m for m in point.values if m not in columns]
+        width = len(columns) + len(new)
+        extra = sum(len(metric_key(m).encode()) + COLUMN_BYTES for m in new) if new else 0
+        size = len(run) + 1
+        if run and (
+            size * width > MAX_CHUNK_CELLS
+            or names + extra + size * (width + 1) * CELL_BYTES > MAX_CHUNK_BYTES
+        ):
+            runs.append(run)
+            run, columns, names = [], set(), 0
+            new = list(point.values)
+            extra = sum(len(metric_key(m).encode()) + COLUMN_BYTES for m in new)
+        run.append(point)
+        columns.update(new)
+        names += extra
+    if run:
+        runs.append(run)
+    return runs
+
+
 def chunk_doc(device: str, b: int, points: Sequence[Point], written: int) -> dict[str, Any]:
-    """The chunk document of ``points`` (one device, bucket ``b``, distinct ``ts``)."""
+    """The chunk document of ``points`` (one device, bucket ``b``, distinct ``ts``; one
+    run of ``chunk_runs``)."""
     ordered = sorted(points, key=lambda p: p.ts)
     ts = [p.ts for p in ordered]
     values: dict[str, list[float | None]] = {}
@@ -218,6 +291,16 @@ class _Pending:
 
 
 @dataclass(slots=True)
+class _Write:
+    """One write of the flusher: the queue's first points and the device documents due."""
+
+    batch: list[_Pending]
+    devices: dict[str, int]  # name -> cache version written
+    points_done: bool = False  # the points are stored (device updates may still fail)
+    fields: dict[str, set[str]] = field(default_factory=dict)  # device -> metrics it set
+
+
+@dataclass(slots=True)
 class _DeviceCache:
     last_seen: int = 0
     last: dict[str, tuple[int, float]] = field(default_factory=dict)  # metric -> (ts, value)
@@ -225,11 +308,16 @@ class _DeviceCache:
     written: int = 0
     written_at: float = float("-inf")  # time.monotonic() of the last write
     synced: bool = False  # the stored document was merged in
+    # metrics the stored document holds, as far as this process knows: those
+    # no longer in ``last`` (forgotten beyond the limit) are unset at the next write
+    stored: set[str] = field(default_factory=set)
 
     def note(self, point: Point) -> None:
+        """Merge a point into the last values: per metric the newest ``ts`` wins, and at
+        the same ``ts`` (the same point sent again) the value seen first stays."""
         for metric, value in point.values.items():
             cur = self.last.get(metric)
-            if cur is None or point.ts >= cur[0]:
+            if cur is None or point.ts > cur[0]:
                 self.last[metric] = (point.ts, value)
 
 
@@ -242,6 +330,7 @@ class MongoTelemetryStore:
         self._mongo = mongo
         self._cfg = cfg
         self._bucket_ms = int(cfg.bucket_seconds * 1000)
+        self._metric_limit = device_metric_limit(cfg)
         self._seal_delay_ms = int((cfg.max_skew + SEAL_GRACE) * 1000)
         self._client: _Client | None = None
         self._queue: deque[_Pending] = deque()
@@ -254,6 +343,8 @@ class MongoTelemetryStore:
         self._batch_ready = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
+        self._close_started = asyncio.Event()  # cuts the flusher's retry backoff short
+        self._backoff = Backoff(mongo.retry_delay, mongo.retry_max_delay)
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closing = False
@@ -261,6 +352,7 @@ class MongoTelemetryStore:
         self._last_latency = 0.0
         self._written = 0
         self._rejected = 0
+        self._flush_errors = 0  # writes failed by an unexpected (non-driver) error
         self._sealed = 0
         self._factor = 1.0  # share of the write limits in use: halved after a timeout, regrown
         # One write of this store at a time: on FerretDB v1 an update running beside
@@ -312,6 +404,8 @@ class MongoTelemetryStore:
             self._tasks.append(
                 asyncio.create_task(self._retention_forever(), name="squall-telemetry-retention")
             )
+        for task in self._tasks:
+            task.add_done_callback(_report_death(log))
         log.info(
             "telemetry store started driver=%s hosts=%s database=%s collections=%s,%s,%s",
             self._mongo.driver,
@@ -327,6 +421,10 @@ class MongoTelemetryStore:
         if self._closing:
             return
         self._closing = True
+        # A flusher sleeping in its retry backoff retries at once (the server may
+        # be back) and, failing again, from retry_delay on: within the deadline.
+        self._backoff.reset()
+        self._close_started.set()
         self._wakeup.set()
         self._batch_ready.set()
         if self._started and (self._queue or self._dirty_devices()):
@@ -341,6 +439,8 @@ class MongoTelemetryStore:
             try:
                 await task
             except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: S110 - it stopped earlier; _report_death logged it
                 pass
         self._tasks = []
         if self._queue:
@@ -369,6 +469,11 @@ class MongoTelemetryStore:
             cache = self._devices[device] = _DeviceCache()
         cache.last_seen = max(cache.last_seen, seen)
         cache.version += 1
+        # Every point, also one still queued: the rule of note() keeps a value
+        # seen first, whether or not this store still knows the point was seen.
+        for point in points:
+            cache.note(point)
+        keep_newest(cache.last, self._metric_limit)
         if fresh:
             now = time.monotonic()
             if waiting is None:
@@ -377,7 +482,6 @@ class MongoTelemetryStore:
                 item = _Pending(device, point, now)
                 self._queue.append(item)
                 waiting[point.ts] = item
-                cache.note(point)
             if len(self._queue) >= self._cfg.batch_size:
                 self._batch_ready.set()
         self._drained.clear()
@@ -453,7 +557,9 @@ class MongoTelemetryStore:
         docs = await self._run(devices.find({}, {"last_seen": 1, "last": 1}).to_list(None))
         merged: dict[str, tuple[int, dict[str, tuple[int, float]]]] = {}
         for doc in docs:
-            merged[str(doc["_id"])] = (int(doc.get("last_seen", 0)), _stored_last(doc))
+            stored_last = _stored_last(doc)
+            keep_newest(stored_last, self._metric_limit)  # not unset yet, or written elsewhere
+            merged[str(doc["_id"])] = (int(doc.get("last_seen", 0)), stored_last)
         for name, (seen, last) in cached.items():
             cur = merged.get(name)
             if cur is None:
@@ -462,8 +568,9 @@ class MongoTelemetryStore:
             values = dict(cur[1])
             for metric, (ts, value) in last.items():
                 old = values.get(metric)
-                if old is None or ts >= old[0]:
+                if old is None or ts > old[0]:  # same ts: the stored value was seen first
                     values[metric] = (ts, value)
+            keep_newest(values, self._metric_limit)
             merged[name] = (max(seen, cur[0]), values)
         return [
             DeviceState(name, seen, {m: v for m, (_, v) in last.items()})
@@ -508,24 +615,49 @@ class MongoTelemetryStore:
             if b + self._bucket_ms > closed or self._has_queued(device, b):
                 continue
             summary = await self._summarize(device, b)
-            if summary is not None:
-                await self._put_summary(summary)
-                done += 1
+            if summary is not None and len(summary["s"]) > SUMMARY_METRICS:
+                # A summary that wide is slow to write (seconds on FerretDB, over the
+                # timeout: every pass would stop here) and saves little: the bucket
+                # stays unsealed, answered from its points.
+                log.warning(
+                    "telemetry bucket has too many metrics to summarize; it stays unsealed "
+                    "device=%s start=%d metrics=%d",
+                    device,
+                    b,
+                    len(summary["s"]),
+                )
+                summary = None
+            try:
+                if summary is not None and await self._put_summary(summary, key, mark):
+                    done += 1
+            except InvalidDocument as exc:
+                # Too large to store (very many distinct metrics in one bucket): the
+                # bucket stays unsealed (exact, read from its points) rather than
+                # stopping every later pass here.
+                log.error(
+                    "telemetry bucket summary cannot be stored; bucket stays unsealed "
+                    "device=%s start=%d error=%s",
+                    device,
+                    b,
+                    f"{type(exc).__name__}: {str(exc)[:200]}",
+                )
             if self._unsealed.get(key) == mark:  # not written again meanwhile
                 del self._unsealed[key]
         self._sealed += done
         return done
 
     def status(self) -> StoreStatus:
+        dead = "" if self._closing else _stopped_task(self._tasks)
         return StoreStatus(
-            ready=self._avail.ready,
+            ready=self._avail.ready and not dead,
             queue_depth=len(self._queue),
             queue_limit=self._cfg.queue_size,
             last_write_latency=self._last_latency,
-            error="" if self._avail.ready else self._avail.error,
+            error=dead or ("" if self._avail.ready else self._avail.error),
             extra={
                 "points_written": self._written,
                 "points_refused": self._rejected,
+                "write_failures": self._flush_errors,
                 "buckets_sealed": self._sealed,
                 "buckets_unsealed": len(self._unsealed),
             },
@@ -581,7 +713,7 @@ class MongoTelemetryStore:
     async def _flush_forever(self) -> None:
         from pymongo.errors import PyMongoError
 
-        backoff = Backoff(self._mongo.retry_delay, self._mongo.retry_max_delay)
+        backoff = self._backoff
         while True:
             if not self._queue:
                 dirty = self._dirty_devices()
@@ -600,9 +732,11 @@ class MongoTelemetryStore:
                 if len(self._queue) < self._cfg.batch_size and not self._closing and wait > 0:
                     self._batch_ready.clear()
                     await _wait(self._batch_ready, wait)
+            write: _Write | None = None
             try:
                 async with self._write_lock:
-                    await self._flush_batch()
+                    write = self._next_write()
+                    await self._flush(write)
             except asyncio.CancelledError:
                 raise
             except (PyMongoError, EngineError) as exc:
@@ -617,10 +751,63 @@ class MongoTelemetryStore:
                         self._device_limit(),
                     )
                 self._mark_down(exc)
-                await asyncio.sleep(backoff.next())  # retry backoff, not a sync point
+                await self._retry_pause()
+                continue
+            except Exception:
+                self._flush_failed(write)
+                await self._retry_pause()
                 continue
             backoff.reset()
             self._factor = min(1.0, self._factor * 1.25)
+
+    def _flush_failed(self, write: _Write | None) -> None:
+        """Handle a write that failed with an unexpected error (logged at ERROR).
+
+        Not an outage but a bug, or a document the driver will not send (bson's
+        ``InvalidDocument``, ``DocumentTooLarge``): sending the same write again
+        fails the same way, and the flusher must neither die nor retry it for
+        ever while the queue fills. Writes shrink by half, so the failing point
+        or device ends up alone, and a write that fails at the smallest size is
+        dropped: its points are counted in ``points_refused`` (unless they were
+        written before its device updates failed), its device updates are
+        skipped until the device changes again.
+        """
+        self._flush_errors += 1
+        if write is None:
+            log.exception("telemetry flusher failed; retrying")
+            return
+        if self._factor > MIN_WRITE_FACTOR and (len(write.batch) > 1 or len(write.devices) > 1):
+            self._factor = max(MIN_WRITE_FACTOR, self._factor / 2)
+            log.exception(
+                "telemetry write failed; retrying with writes of up to %d points and %d "
+                "device updates",
+                self._batch_limit(),
+                self._device_limit(),
+            )
+            return
+        log.exception(
+            "telemetry write failed at its smallest; dropped points=%d devices=%s",
+            0 if write.points_done else len(write.batch),
+            ",".join(write.devices) or "-",
+        )
+        if write.points_done:
+            self._written += len(write.batch)
+        else:
+            self._rejected += len(write.batch)
+        self._commit(write)
+
+    async def _retry_pause(self) -> None:
+        """Sleep before the flusher retries: the backoff, cut short when ``close`` starts.
+
+        Once closing, the pause is the backoff again (``close`` restarts it), so
+        the queue is written as soon as the server answers, until ``close``
+        cancels the flusher at its deadline.
+        """
+        delay = self._backoff.next()
+        if self._closing:
+            await asyncio.sleep(delay)  # retry backoff, not a sync point
+        else:
+            await _wait(self._close_started, delay)
 
     def _batch_limit(self) -> int:
         return max(1, int(self._cfg.batch_size * self._factor))
@@ -645,19 +832,30 @@ class MongoTelemetryStore:
         )
         return dict(itertools.islice(due, self._device_limit()))
 
-    async def _flush_batch(self) -> None:
+    def _next_write(self) -> _Write:
         batch = list(itertools.islice(self._queue, self._batch_limit()))
         # Points first: device documents wait while a backlog of points does. (On
         # FerretDB v1 an update is slow, and one running next to an insert can
         # deadlock the server, so they are never sent side by side either.)
         backlog = len(self._queue) - len(batch) >= self._cfg.batch_size
         devices = self._due_devices() if self._closing or not backlog else {}
+        return _Write(batch, devices)
+
+    async def _flush(self, write: _Write) -> None:
         started = time.monotonic()
-        if batch:
-            await self._write_points(batch)
-        if devices:
-            await self._write_devices(list(devices))
-        latency = time.monotonic() - started
+        if write.batch:
+            await self._write_points(write.batch)
+        write.points_done = True
+        if write.devices:
+            await self._write_devices(write)
+        self._last_latency = time.monotonic() - started
+        self._commit(write)
+        self._written += len(write.batch)
+        self._mark_up()
+
+    def _commit(self, write: _Write) -> None:
+        """Take a finished (or dropped) write's points off the queue, mark its devices written."""
+        batch, devices = write.batch, write.devices
         for item in batch:
             self._queue.popleft()
             waiting = self._pending.get(item.device)
@@ -673,17 +871,16 @@ class MongoTelemetryStore:
             if cache is not None:
                 cache.written = version
                 cache.written_at = now
+                cache.stored = write.fields.get(name, cache.stored)
                 self._devices[name] = cache
-        self._written += len(batch)
-        self._last_latency = latency
         if not self._queue and not self._dirty_devices():
             self._drained.set()
-        self._mark_up()
 
     async def _write_points(self, batch: list[_Pending]) -> None:
         _, buckets, _ = self._colls()
-        # The batch's points as chunks: one per device and bucket (a dict keeps
-        # the batch's order; ``add`` never queues a device's ts twice).
+        # The batch's points as chunks: per device and bucket, as few as
+        # ``chunk_runs`` allows (a dict keeps the batch's order; ``add`` never
+        # queues a device's ts twice).
         groups: dict[tuple[str, int], list[Point]] = {}
         for item in batch:
             key = (item.device, bucket_start(item.point.ts, self._bucket_ms))
@@ -695,8 +892,8 @@ class MongoTelemetryStore:
         late = {bucket_id(d, b) for d, b in groups if b + self._bucket_ms <= closed}
         if late:
             await buckets.delete_many({"_id": {"$in": sorted(late)}})
-        keys = list(groups)
-        docs = [chunk_doc(d, b, groups[d, b], now) for d, b in keys]
+        chunks = [(d, b, run) for (d, b), group in groups.items() for run in chunk_runs(group)]
+        docs = [chunk_doc(d, b, run, now) for d, b, run in chunks]
         errors = await self._insert(docs)
         refused: set[int] = set()
         for err in errors:
@@ -704,18 +901,18 @@ class MongoTelemetryStore:
                 continue  # this very chunk is stored already
             index = int(err.get("index", 0))
             refused.add(index)
-            device, b = keys[index]
+            device, b, run = chunks[index]
             # errmsg may quote the document (device data): log only the key and code.
             log.error(
                 "mongo server refused a telemetry chunk; dropped device=%s bucket=%d points=%d "
                 "code=%s",
                 device,
                 b,
-                len(groups[device, b]),
+                len(run),
                 err.get("code"),
             )
-            self._rejected += len(groups[device, b])
-        for index, (device, b) in enumerate(keys):
+            self._rejected += len(run)
+        for index, (device, b, _) in enumerate(chunks):
             if index not in refused:
                 self._mark_unsealed(device, b)
 
@@ -754,9 +951,9 @@ class MongoTelemetryStore:
                 forgotten[1],
             )
 
-    async def _write_devices(self, names: list[str]) -> None:
+    async def _write_devices(self, write: _Write) -> None:
         _, _, devices = self._colls()
-        caches = {n: c for n in names if (c := self._devices.get(n)) is not None}
+        caches = {n: c for n in write.devices if (c := self._devices.get(n)) is not None}
         unsynced = [n for n, c in caches.items() if not c.synced]
         if unsynced:
             cursor = devices.find({"_id": {"$in": unsynced}}, {"last_seen": 1, "last": 1})
@@ -766,10 +963,13 @@ class MongoTelemetryStore:
                 if cache is None:
                     continue
                 cache.last_seen = max(cache.last_seen, int(doc.get("last_seen", 0)))
-                for metric, (ts, value) in _stored_last(doc).items():
+                stored_last = _stored_last(doc)
+                for metric, (ts, value) in stored_last.items():
                     cur = cache.last.get(metric)
-                    if cur is None or ts > cur[0]:
+                    if cur is None or ts >= cur[0]:  # same ts: the stored value was seen first
                         cache.last[metric] = (ts, value)
+                cache.stored.update(stored_last)
+                keep_newest(cache.last, self._metric_limit)
             for n in unsynced:
                 caches[n].synced = True
         updates: list[dict[str, Any]] = []
@@ -779,6 +979,10 @@ class MongoTelemetryStore:
                 u["$set"] = {
                     f"last.{metric_key(m)}": {"v": v, "t": ts} for m, (ts, v) in cache.last.items()
                 }
+            forgotten = cache.stored.difference(cache.last)
+            if forgotten:
+                u["$unset"] = {f"last.{metric_key(m)}": "" for m in sorted(forgotten)}
+            write.fields[name] = set(cache.last)
             updates.append({"q": {"_id": name}, "u": u, "upsert": True})
         while updates:
             errors = await self._update(self._cfg.devices_collection, updates)
@@ -867,19 +1071,28 @@ class MongoTelemetryStore:
             },
         }
 
-    async def _put_summary(self, summary: dict[str, Any]) -> None:
-        """Insert a bucket's summary, or replace one that counts fewer points."""
+    async def _put_summary(self, summary: dict[str, Any], key: tuple[str, int], mark: int) -> bool:
+        """Insert a bucket's summary, or replace one that counts fewer points; whether
+        it was written.
+
+        Not when the bucket was written again since ``mark`` (while its chunks were
+        read): that write deleted the summary before its points went in, and this
+        summary, read before them, would undercount it until the next pass.
+        """
         from pymongo.errors import DuplicateKeyError
 
         _, buckets, _ = self._colls()
-        async with self._write_lock:
+        async with self._write_lock:  # point writes (and their marks) are under it too
+            if self._unsealed.get(key) != mark:
+                return False
             try:
                 await self._run(buckets.insert_one(summary), keep=DuplicateKeyError)
-                return
+                return True
             except DuplicateKeyError:
                 pass
             fewer = {"_id": summary["_id"], "n": {"$lt": summary["n"]}}
             await self._run(buckets.replace_one(fewer, summary))
+            return True
 
     async def _seal_forever(self) -> None:
         interval = min(self._cfg.bucket_seconds, 10.0)
@@ -889,6 +1102,8 @@ class MongoTelemetryStore:
                 await self.seal(int(time.time() * 1000))
             except EngineError as exc:
                 log.debug("telemetry sealing pass failed error=%s", exc)
+            except Exception:
+                log.exception("telemetry sealing pass failed")  # a bug: the next pass retries
 
     # -- retention -------------------------------------------------------------
 
@@ -899,6 +1114,9 @@ class MongoTelemetryStore:
                 deleted = await self.retain(int(time.time() * 1000))
             except EngineError as exc:
                 log.debug("telemetry retention pass failed error=%s", exc)
+                continue
+            except Exception:
+                log.exception("telemetry retention pass failed")  # a bug: the next pass retries
                 continue
             if deleted:
                 log.debug("telemetry retention deleted buckets=%d", deleted)

@@ -19,7 +19,11 @@ Idempotency
     stored (a device retrying a frame whose acknowledgement it lost) changes
     nothing a reader sees: not the points queries count, not the summaries,
     not the counts (the Mongo store may keep a second copy that every read
-    skips). Callers
+    skips), not a device's last values (see Devices). The one exception: a
+    copy that carries a metric the first lacked sets that metric's last
+    value if it is the newest for it, in both stores alike (the Mongo store
+    cannot tell a point sent again once it is written, as it does not keep
+    every ``ts``, so neither store checks). Callers
     deduplicate within one frame (``server.telemetry`` rejects a second point
     with the same ``ts``); ``add`` must still cope with keys already accepted
     earlier.
@@ -35,7 +39,14 @@ Devices
     ``add`` also records the device's *last seen* time (server time of the
     frame, so a device with a wrong clock is still seen as online) and, per
     metric, the value of the newest point by ``ts``: an old point arriving late
-    never replaces a newer last value.
+    never replaces a newer last value, and at the same ``ts`` (the same point
+    sent again, queued or long written) the value seen first stays. A device
+    keeps the last values of at most ``device_metric_limit(cfg)`` metrics:
+    after each ``add`` the ones whose newest point is the oldest (then the
+    lowest names) are forgotten. Without a bound a device sending ever new
+    metric names (one valid frame can carry 64 000) grows one stored document
+    without end, and on FerretDB an update costs time in proportion to the
+    document's fields (seconds at a few thousand), which stalls every write.
 
 Sealing
     A store may write a bucket's summary only once the bucket is closed (it
@@ -54,14 +65,17 @@ Times are integer milliseconds since the Unix epoch throughout.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from server.config import TelemetryConfig
 from server.store import StoreStatus
 
 MS_PER_DAY: Final = 86_400_000
+DEVICE_METRICS: Final = 256  # last values kept per device (at least max_metrics_per_point)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +267,22 @@ class Downsampler:
             s = self._steps[k]
             out.append(StepStats(k * self._step, s.min, s.max, s.sum / s.count, s.count))
         return out
+
+
+def device_metric_limit(cfg: TelemetryConfig) -> int:
+    """How many metrics' last values a device keeps (module docstring, Devices)."""
+    return max(DEVICE_METRICS, cfg.max_metrics_per_point)
+
+
+def keep_newest(last: dict[str, tuple[int, float]], limit: int) -> list[str]:
+    """Forget all but the ``limit`` metrics of ``last`` (metric -> (ts, value)) with the
+    newest ``ts``, then the greatest names; return the metrics forgotten."""
+    if len(last) <= limit:
+        return []
+    gone = heapq.nsmallest(len(last) - limit, last, key=lambda m: (last[m][0], m))
+    for metric in gone:
+        del last[metric]
+    return gone
 
 
 def bucket_range(start: int, end: int, bucket_ms: int) -> tuple[int, int]:

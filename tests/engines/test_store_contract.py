@@ -191,6 +191,69 @@ async def test_size_retention_keeps_the_newest(store: Store) -> None:
     assert await store.latest("sz") == StreamPosition(7, "e1")
 
 
+async def test_latest_is_the_highest_offset_when_appends_arrive_out_of_order(
+    store: Store,
+) -> None:
+    """Concurrent publishes reach the store in any order: latest never goes below an
+    accepted offset (a restarted node continues from it, so a lower one would hand out
+    a taken offset), and reads stay in offset order, queued and once written."""
+    await store.append("ooo", pub(2), KEEP)
+    await written(store)  # so that offset 1 is accepted (and stored) at a later time
+    await store.append("ooo", pub(1), KEEP)
+    for _ in range(2):  # 1 queued, then written
+        assert await store.latest("ooo") == StreamPosition(2, "e1")
+        assert await store.read_since("ooo") == [pub(1), pub(2)]
+        assert [p.offset for p in await store.read_since("ooo", limit=1, reverse=True)] == [2]
+        await written(store)
+    await store.append("ooo", pub(3), KEEP)
+    await written(store)
+    await store.append("ooo", pub(2), KEEP)  # a late retry of a stored one, while 3 is stored
+    assert await store.latest("ooo") == StreamPosition(3, "e1")
+    await written(store)
+    assert await store.latest("ooo") == StreamPosition(3, "e1")
+    assert await store.read_since("ooo") == [pub(1), pub(2), pub(3)]
+
+
+async def test_size_retention_keeps_the_highest_offsets_whatever_the_arrival_order(
+    store: Store,
+) -> None:
+    """Size retention keeps the highest offsets, not the last arrived: each publication
+    is written before the next arrives (so each is accepted at a later time)."""
+    sized = PersistOptions(size=2)
+    for offset in (3, 1, 4, 2):
+        await store.append("sz-ooo", pub(offset), sized)
+        await written(store)
+
+    async def trimmed() -> bool:
+        return [p.offset for p in await store.read_since("sz-ooo")] == [3, 4]
+
+    await eventually(trimmed, within=5.0)
+    assert await store.latest("sz-ooo") == StreamPosition(4, "e1")
+
+
+async def test_size_retention_keeps_the_current_epoch_first(store: Store) -> None:
+    """Size counts across epochs: the current epoch's publications are kept first, then
+    the newest of the older epoch, until the current one alone fills the size."""
+    sized = PersistOptions(size=3)
+    for i in range(1, 6):
+        await store.append("sz-ep", pub(i, "old"), sized)
+    await written(store)
+    for i in (2, 1):  # out of order too
+        await store.append("sz-ep", pub(i, "new"), sized)
+        await written(store)
+
+    async def kept(old: list[int], new: list[int]) -> bool:
+        olds = await store.read_since("sz-ep", since=StreamPosition(0, "old"))
+        news = await store.read_since("sz-ep", since=StreamPosition(0, "new"))
+        return [p.offset for p in olds] == old and [p.offset for p in news] == new
+
+    await eventually(lambda: kept([5], [1, 2]), within=5.0)
+    await store.append("sz-ep", pub(3, "new"), sized)
+    await store.append("sz-ep", pub(4, "new"), sized)
+    await eventually(lambda: kept([], [2, 3, 4]), within=5.0)
+    assert await store.latest("sz-ep") == StreamPosition(4, "new")
+
+
 async def test_ttl_retention_drops_expired(store: Store) -> None:
     """Publications older than ttl seconds disappear; newer ones and other channels stay."""
     ttl = 0.3 * TIME_FACTOR

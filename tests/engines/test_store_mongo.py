@@ -9,6 +9,7 @@ separate ``AsyncMongoClient``, never through the store under test.
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +20,14 @@ from tornado.ioloop import IOLoop
 from server.broker import Publication, StreamPosition
 from server.errors import EngineError, StoreFullError, StoreRejectedError
 from server.store import PersistOptions
-from server.store_mongo import EXPIRE_INDEX, HISTORY_INDEX, RECENT_INDEX, MongoStore
+from server.store_mongo import (
+    EXPIRE_INDEX,
+    HISTORY_INDEX,
+    RECENT_INDEX,
+    MongoStore,
+    _recent_query,
+    _top_query,
+)
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config, pub
 from tests.helpers import logs, services
@@ -152,6 +160,89 @@ async def test_history_query_uses_the_history_index(
         scans = [s for s in _stages(winning) if s["stage"] == "IXSCAN"]
         assert [s["indexName"] for s in scans] == [HISTORY_INDEX], winning
         assert not [s for s in _stages(winning) if s["stage"] == "COLLSCAN"], winning
+
+
+@pytest.mark.parametrize(
+    ("which", "index"),
+    [("recent", RECENT_INDEX), ("top", HISTORY_INDEX)],
+)
+async def test_latest_queries_use_the_indexes(
+    make_store: Factory, mongo_url: str, unique_prefix: str, which: str, index: str
+) -> None:
+    """The two queries behind ``latest`` (and size trimming) are index-served on MongoDB:
+    the channel's most recently accepted document by ``channel_recent``, the top
+    offset of an epoch by ``channel_epoch_offset``, without a sort stage or a scan of
+    the collection. On FerretDB (no pushdown but ``_id``) the test only checks that the
+    query still answers right (see the history index test)."""
+    store = make_store()
+    await store.start()
+    for i in range(1, 30):
+        await store.append("lq", pub(i, "a"), KEEP)
+        await store.append("other", pub(i, "a"), KEEP)
+    await eventually(_drained(store), within=5.0)
+    query, projection, sort = _recent_query("lq") if which == "recent" else _top_query("lq", "a")
+    client = raw_client(mongo_url)
+    try:
+        coll = client[unique_prefix]["publications"]
+        found = await coll.find_one(query, projection, sort=sort)
+        plan = await coll.find(query, projection, sort=sort, limit=1).explain()
+    finally:
+        await client.close()
+    assert found is not None
+    assert found["epoch" if which == "recent" else "offset"] == ("a" if which == "recent" else 29)
+    if "ferretdbVersion" in plan.get("serverInfo", {}):
+        return
+    winning = plan["queryPlanner"]["winningPlan"]
+    scans = [s for s in _stages(winning) if s["stage"] == "IXSCAN"]
+    assert [s["indexName"] for s in scans] == [index], winning
+    assert not [s for s in _stages(winning) if s["stage"] in ("COLLSCAN", "SORT")], winning
+
+
+async def test_a_restarted_store_continues_after_the_highest_offset(
+    make_store: Factory, mongo_url: str, unique_prefix: str
+) -> None:
+    """Publications written out of order, then a restart: latest is the highest offset, so
+    the next publication gets a free offset and is stored (not taken for a duplicate)."""
+    first = make_store()
+    await first.start()
+    await first.append("rs", pub(2), KEEP)
+    await eventually(_drained(first), within=5.0)  # 1 is accepted later
+    await first.append("rs", pub(1), KEEP)
+    await first.close()
+    second = make_store()
+    await second.start()
+    latest = await second.latest("rs")
+    assert latest == StreamPosition(2, "e1")
+    await second.append("rs", pub(latest.offset + 1), KEEP)
+    await eventually(_drained(second), within=5.0)
+    assert await stored_offsets(mongo_url, unique_prefix, "rs") == [1, 2, 3]
+    assert await second.read_since("rs") == [pub(1), pub(2), pub(3)]
+
+
+async def test_retention_pass_goes_on_when_remove_drops_a_channel_it_was_to_trim(
+    make_store: Factory, mongo_url: str, unique_prefix: str
+) -> None:
+    """remove() of a channel while a retention pass trims another (the pass had listed
+    both) neither fails the pass nor brings the removed channel back."""
+    store = make_store(retention_interval=3600.0)  # the test drives the pass
+    await store.start()
+    sized = PersistOptions(size=1)
+    for channel in ("a", "b", "c"):
+        for i in range(1, 4):
+            await store.append(channel, pub(i), sized)
+    await eventually(_drained(store), within=5.0)
+    trim = store._trim_channel
+
+    async def trim_and_remove(coll: Any, channel: str, size: int) -> None:
+        if channel == "a":
+            await store.remove("b")  # while the pass is at "a", with "b" still to come
+        await trim(coll, channel, size)
+
+    store._trim_channel = trim_and_remove  # type: ignore[method-assign]
+    await store._retention_pass()
+    assert await stored_offsets(mongo_url, unique_prefix, "a") == [3]
+    assert await stored_offsets(mongo_url, unique_prefix, "b") == []
+    assert await stored_offsets(mongo_url, unique_prefix, "c") == [3]
 
 
 def _drained(store: MongoStore) -> Callable[[], Any]:
@@ -315,3 +406,35 @@ async def test_close_during_outage_reports_what_was_not_written(
     with logs.expect_log("squall.store.mongo", r"closed with 3 accepted publications not written"):
         await store.close()
     assert store.status().ready is False
+
+
+@tolerates_pymongo_socket_leak
+async def test_close_cuts_a_retry_backoff_short_and_writes_the_queue(
+    ferretdb: services.ServiceProcess, make_store: Factory, unique_prefix: str
+) -> None:
+    """close() right after the server came back, while the flusher sleeps a long retry
+    backoff: the flusher retries at once, and the queue is written within the deadline."""
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    store = make_store(
+        url=url,
+        timeout=0.5,
+        retry_delay=60.0,  # the first retry would come 30 to 60 s later
+        retry_max_delay=60.0,
+        shutdown_flush_timeout=10.0,
+    )
+    await store.start()
+
+    async def retrying() -> bool:
+        return int(store.status().extra["write_retries"]) >= 1
+
+    with logs.expect_log("squall.store.mongo", r"unavailable; publications stay queued"):
+        ferretdb.kill()
+        for i in range(1, 6):
+            await store.append("back", pub(i), KEEP)
+        await eventually(retrying, within=10.0)  # failed once: now in its backoff
+    ferretdb.start()
+    started = time.monotonic()
+    await store.close()
+    assert time.monotonic() - started < 10.0  # not the deadline: written
+    assert store.status().queue_depth == 0
+    assert await stored_offsets(url, unique_prefix, "back") == [1, 2, 3, 4, 5]

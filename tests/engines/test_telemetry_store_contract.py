@@ -30,9 +30,16 @@ from server.config import TelemetryConfig
 from server.errors import EngineError
 from server.telemetry_memory import MemoryTelemetryStore
 from server.telemetry_mongo import MongoTelemetryStore, chunk_id
-from server.telemetry_store import MS_PER_DAY, Point, StepStats, TelemetryStore
+from server.telemetry_store import (
+    MS_PER_DAY,
+    Point,
+    StepStats,
+    TelemetryStore,
+    device_metric_limit,
+)
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config
+from tests.helpers import logs
 
 BUCKET_MS = 10_000
 T0 = 1_700_000_000_000  # a multiple of BUCKET_MS
@@ -55,13 +62,13 @@ def tstore(request: pytest.FixtureRequest, io_loop, unique_prefix: str) -> Itera
     io_loop.run_sync(store.close)
 
 
-async def written(store: TelemetryStore) -> None:
+async def written(store: TelemetryStore, *, within: float = 5.0) -> None:
     """Wait until nothing is queued (a no-op for the memory store)."""
 
     async def drained() -> bool:
         return store.status().queue_depth == 0
 
-    await eventually(drained, within=5.0)
+    await eventually(drained, within=within)
 
 
 def expected(points: list[tuple[int, float]], start: int, end: int, step: int) -> list[StepStats]:
@@ -205,6 +212,84 @@ async def test_devices_report_last_seen_and_newest_value_per_metric(tstore: Tele
         assert dev.last_seen == T0 + 2200
         assert dev.last_values == {"temp": 20.0, "hum": 45.0, "volt": 3.3}
         await written(tstore)
+
+
+async def test_a_point_sent_again_keeps_the_last_values_of_its_first_copy(
+    tstore: TelemetryStore,
+):
+    """A (device, ts) sent again with other values, while queued or once written, changes
+    no last value the first copy set, nor any query. The one exception, in both stores
+    alike: a metric only the copy carries becomes a last value if it is the newest."""
+    await tstore.add("d", [Point(T0 + 5, {"a": 1.0})], T0 + 10)
+    await tstore.add("d", [Point(T0 + 5, {"a": 7.0})], T0 + 11)  # may still be queued
+    await written(tstore)
+    await tstore.add("d", [Point(T0 + 5, {"a": 9.0, "b": 2.0})], T0 + 12)  # written by now
+    await tstore.add("d", [Point(T0 + 4, {"b": 3.0})], T0 + 12)  # older than b's last value
+    for _ in range(2):
+        [dev] = await tstore.devices()
+        assert dev.last_values == {"a": 1.0, "b": 2.0}
+        assert dev.last_seen == T0 + 12
+        [a] = await tstore.query("d", "a", T0, T0 + BUCKET_MS, BUCKET_MS)
+        assert (a.count, a.min, a.max) == (1, 1.0, 1.0)
+        [b] = await tstore.query("d", "b", T0, T0 + BUCKET_MS, BUCKET_MS)
+        assert (b.count, b.min, b.max) == (1, 3.0, 3.0)  # only the point at T0 + 4 counts
+        await written(tstore)
+
+
+async def test_a_frame_of_many_points_with_many_distinct_metrics_is_stored_completely(
+    tstore: TelemetryStore,
+):
+    """A valid but extreme frame (300 points of 64 metrics each, all different: 19 200
+    metrics) is stored and readable, and a normal point sent after it is written too.
+    (As one MongoDB chunk it would be some 26 MB, over the server's 16 MB.)"""
+    wide = [Point(T0 + i, {f"m{i}_{j}": float(j) for j in range(64)}) for i in range(300)]
+    await tstore.add("wide", wide, T0)
+    await written(tstore, within=60.0)
+    await tstore.add("calm", [Point(T0 + 1, {"temp": 20.0})], T0)
+    await written(tstore)
+    window = (T0, T0 + BUCKET_MS, BUCKET_MS)
+    for i, j in [(0, 0), (151, 17), (299, 63)]:
+        [s] = await tstore.query("wide", f"m{i}_{j}", *window)
+        assert (s.t, s.min, s.max, s.count) == (T0, float(j), float(j), 1)
+    with logs.expect_log("squall.telemetry", "too many metrics to summarize", required=False):
+        await tstore.seal(T0 + MS_PER_DAY)  # too wide to summarize in MongoDB: stays exact
+    [s] = await tstore.query("wide", "m299_0", *window)
+    assert (s.min, s.count) == (0.0, 1)
+    [calm] = await tstore.query("calm", "temp", *window)
+    assert (calm.count, calm.avg) == (1, 20.0)
+    status = tstore.status()
+    assert status.ready
+    assert status.queue_depth == 0
+    devices = {d.id: d for d in await tstore.devices()}
+    # Only the newest metrics' last values are kept: those of the last four points.
+    assert set(devices["wide"].last_values) == {
+        f"m{i}_{j}" for i in range(296, 300) for j in range(64)
+    }
+    assert devices["calm"].last_values == {"temp": 20.0}
+
+
+async def test_a_device_keeps_the_last_values_of_its_newest_metrics_only(
+    tstore: TelemetryStore,
+):
+    """A device sending ever new metric names keeps the last values of at most
+    ``device_metric_limit`` metrics: those whose newest point is the newest."""
+    limit = device_metric_limit(CFG)
+    await tstore.add("many", [Point(T0 + i, {f"x{i}": float(i)}) for i in range(limit + 10)], T0)
+    kept = {f"x{i}": float(i) for i in range(10, limit + 10)}
+    for _ in range(2):
+        [dev] = await tstore.devices()
+        assert dev.last_values == kept
+        await written(tstore)
+    await tstore.add("many", [Point(T0 - 1, {"x5": -5.0})], T0)  # older than all kept
+    await tstore.add("many", [Point(T0 + 5000, {"x0": -1.0})], T0)  # newest: x10 goes
+    del kept["x10"]
+    kept["x0"] = -1.0
+    for _ in range(2):
+        [dev] = await tstore.devices()
+        assert dev.last_values == kept
+        await written(tstore)
+    stats = await tstore.query("many", "x5", T0 - BUCKET_MS, T0 + BUCKET_MS, BUCKET_MS)
+    assert [(s.count, s.min) for s in stats] == [(1, -5.0), (1, 5.0)]  # points are all kept
 
 
 async def test_retention_drops_old_buckets_and_silent_devices(tstore: TelemetryStore):
