@@ -223,11 +223,20 @@ def chunk_runs(points: Sequence[Point]) -> list[list[Point]]:
     the same points always make the same chunks, with the same ``_id``: a batch
     sent again is a duplicate key chunk by chunk.
     """
+    ordered = sorted(points, key=lambda p: p.ts)
+    # The usual case first: all of them fit in one chunk. Both bounds only grow
+    # as a run grows, so this is exactly when the loop below would not cut.
+    columns = set().union(*(p.values for p in ordered))
+    size = len(ordered)
+    if size * len(columns) <= MAX_CHUNK_CELLS:
+        names = sum(len(metric_key(m).encode()) + COLUMN_BYTES for m in columns)
+        if names + size * (len(columns) + 1) * CELL_BYTES <= MAX_CHUNK_BYTES:
+            return [ordered]
     runs: list[list[Point]] = []
     run: list[Point] = []
-    columns: set[str] = set()
+    columns = set()
     names = 0  # bytes of the run's column names, with their overhead
-    for point in sorted(points, key=lambda p: p.ts):
+    for point in ordered:
         new = [m for m in point.values if m not in columns]
         width = len(columns) + len(new)
         extra = sum(len(metric_key(m).encode()) + COLUMN_BYTES for m in new) if new else 0

@@ -93,6 +93,30 @@ def test_chunk_runs_bound_cells_and_depend_only_on_the_points() -> None:
     assert chunk_runs([huge, Point(T0 + 1, {"k0": 2.0})]) == [[huge], [Point(T0 + 1, {"k0": 2.0})]]
 
 
+def test_chunk_runs_are_greedy_around_the_bound() -> None:
+    """Near the cell bound, in both the one-chunk fast path and the cutting loop, each
+    run is as long as the bound allows: it could not take the next point."""
+    rng = random.Random(11)
+    for _ in range(200):
+        count = rng.randint(1, 120)
+        names = [f"m{j}" for j in range(rng.randint(1, 80))]
+        points = [
+            Point(T0 + i, {m: 1.0 for m in rng.sample(names, rng.randint(1, len(names)))})
+            for i in range(count)
+        ]
+        runs = chunk_runs(points)
+        assert [p for run in runs for p in run] == points
+
+        def cells(run: list[Point]) -> int:
+            return len(run) * len({m for p in run for m in p.values})
+
+        for i, run in enumerate(runs):
+            assert len(run) == 1 or cells(run) <= MAX_CHUNK_CELLS
+            if i + 1 < len(runs):
+                assert cells([*run, runs[i + 1][0]]) > MAX_CHUNK_CELLS
+        assert (len(runs) == 1) == (cells(points) <= MAX_CHUNK_CELLS)
+
+
 async def test_a_wide_frame_is_stored_in_bounded_chunks_and_a_resent_batch_adds_nothing(
     make_store: Factory, mongo_url: str, unique_prefix: str
 ) -> None:
