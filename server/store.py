@@ -78,6 +78,13 @@ class StoreStatus:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def page_bounds(since: StreamPosition | None, reverse: bool) -> tuple[int, int | None]:
+    """The offsets (exclusive; ``None``: no upper bound) a ``read_since`` page lies between."""
+    if since is None:
+        return 0, None
+    return (0, since.offset) if reverse else (since.offset, None)
+
+
 class Store(Protocol):
     """Durable per-channel publication storage; see the module docstring."""
 

@@ -19,7 +19,7 @@ import math
 import time
 
 from server.broker import Publication, StreamPosition
-from server.store import PersistOptions, Store, StoreStatus
+from server.store import PersistOptions, Store, StoreStatus, page_bounds
 
 
 class MemoryStore:
@@ -70,11 +70,12 @@ class MemoryStore:
         if latest is None:
             return []
         epoch = since.epoch if since is not None else latest.epoch
-        low, high = _bounds(since, reverse)
+        low, high = page_bounds(since, reverse)
+        top = math.inf if high is None else high
         items = self._channels[channel].values()
         now = time.monotonic()
         pubs = sorted(
-            (p for exp, p in items if p.epoch == epoch and low < p.offset < high and exp > now),
+            (p for exp, p in items if p.epoch == epoch and low < p.offset < top and exp > now),
             key=lambda p: p.offset,
             reverse=reverse,
         )
@@ -94,13 +95,6 @@ class MemoryStore:
 
     def status(self) -> StoreStatus:
         return StoreStatus(ready=True)
-
-
-def _bounds(since: StreamPosition | None, reverse: bool) -> tuple[float, float]:
-    """The offsets (exclusive) a ``read_since`` page lies between."""
-    if since is None:
-        return 0, math.inf
-    return (0, since.offset) if reverse else (since.offset, math.inf)
 
 
 def _conforms(s: MemoryStore) -> Store:

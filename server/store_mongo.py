@@ -100,7 +100,7 @@ from server.backoff import Availability, Backoff
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig, check_mongo
 from server.errors import EngineError, StoreFullError, StoreRejectedError
-from server.store import PersistOptions, Store, StoreStatus
+from server.store import PersistOptions, Store, StoreStatus, page_bounds
 
 log = logging.getLogger("squall.store.mongo")
 
@@ -330,7 +330,7 @@ class MongoStore:
             epoch = since.epoch
         if limit == 0:
             return []
-        low, high = _bounds(since, reverse)
+        low, high = page_bounds(since, reverse)
         now = datetime.now(UTC)
         query, sort = _history_query(channel, epoch, low, high, now, reverse)
         docs = await self._run(
@@ -407,7 +407,7 @@ class MongoStore:
         reverse: bool = False,
     ) -> dict[str, Any]:
         """The server's ``explain`` of the query ``read_since`` sends for these arguments."""
-        low, high = _bounds(since, reverse)
+        low, high = page_bounds(since, reverse)
         query, sort = _history_query(channel, since.epoch, low, high, datetime.now(UTC), reverse)
         cursor = self._coll().find(query, _PROJECTION, sort=sort, limit=limit or 0)
         plan: dict[str, Any] = await self._run(cursor.explain())
@@ -732,13 +732,6 @@ class MongoStore:
         if password:
             text = text.replace(password, "***")
         return f"{type(exc).__name__}: {text[:300]}"
-
-
-def _bounds(since: StreamPosition | None, reverse: bool) -> tuple[int, int | None]:
-    """The offsets (exclusive; ``None``: no upper bound) a ``read_since`` page lies between."""
-    if since is None:
-        return 0, None
-    return (0, since.offset) if reverse else (since.offset, None)
 
 
 def _recent_query(channel: str) -> tuple[dict[str, Any], dict[str, int], list[tuple[str, int]]]:
