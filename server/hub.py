@@ -799,8 +799,15 @@ class Hub:
                 since = StreamPosition(since.offset, top.epoch)
             elif since.epoch != top.epoch:
                 return page
-            pubs = await self.store.read_since(channel, since=since, limit=limit, reverse=reverse)
-            return HistoryPage(pubs, top)
+            stored = await self.store.read_since(channel, since=since, limit=limit, reverse=reverse)
+            # The broker's window is what every node has published; the store
+            # lacks, for a moment, what other nodes accepted but have not written
+            # yet (each writes behind from its own queue): take both.
+            found = {p.offset: p for p in stored}
+            for p in page.publications:
+                found.setdefault(p.offset, p)
+            pubs = [found[o] for o in sorted(found, reverse=reverse)]
+            return HistoryPage(pubs if limit is None else pubs[:limit], top)
         except EngineError as exc:
             log.warning("history of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
@@ -822,6 +829,9 @@ class Hub:
             and pubs
             and pubs[0].offset == since.offset + 1
             and pubs[-1].offset == pos.offset
+            # None missing in between: a store read may lack one another node
+            # has accepted but not written yet.
+            and len(pubs) == pos.offset - since.offset
         ):
             return pubs, pos, True
         return [], pos, False

@@ -262,3 +262,93 @@ async def _recover_on_another_instance(a: Any, b: Any, balancer: Balancer, sdk: 
     channels = await api_ok(b, "channels", {})
     assert channels["channels"]["chat:move"]["num_clients"] == 2
     assert (await api(b, "info", {}))["result"]["nodes"][0]["num_clients"] == 2
+
+
+@pytest.fixture
+def stored_cluster(
+    redis_url: str, mongo_url: str, unique_prefix: str, tmp_path: Path
+) -> Iterator[SquallCluster]:
+    """Nodes on the shared Redis and one shared MongoDB (this test's own database)."""
+    made = SquallCluster(
+        redis_url,
+        unique_prefix,
+        base=tmp_path,
+        overrides={"mongodb.url": mongo_url, "mongodb.database": unique_prefix},
+    )
+    yield made
+    close_checked(made)
+
+
+@pytest.fixture
+def stored_sdk(stored_cluster: SquallCluster, io_loop: Any) -> Iterator[Sdk]:
+    made = Sdk()
+    yield made
+    io_loop.run_sync(made.close)
+
+
+async def _start_with_a_slow_writer(cluster: SquallCluster) -> list[Any]:
+    """Nodes A, B, C; B writes to MongoDB only every minute, so what it accepts stays
+    queued there (any node's store may lag like this for a moment)."""
+    cluster.add()
+    cluster.add(**{"mongodb.flush_interval": 60})
+    cluster.add()
+    return await cluster.start_async()
+
+
+async def _written(node: Any) -> bool:
+    nodes = (await api_ok(node, "info", {}))["nodes"]
+    return bool(nodes[0]["store"]["queue_depth"] == 0)
+
+
+async def test_persistent_history_and_recovery_include_what_another_instance_has_not_stored(
+    stored_cluster, stored_sdk
+):
+    """History and recovery of a persistent channel on C include a publication that B
+    accepted but has not written to MongoDB yet: the broker's window has it."""
+    a, b, c = await _start_with_a_slow_writer(stored_cluster)
+    channel = "persist:lagging-writer"
+    client, events = await stored_sdk.connected(c.ws_url, "alice")
+    _, ev, ctx = await subscribed(client, channel, recoverable=True)
+    assert ctx.recoverable is True
+
+    events.hold_reconnect = asyncio.Event()
+    await api_ok(c, "disconnect", {"user": "alice", "disconnect": {"code": 3011, "reason": "r"}})
+    assert (await events.next("connecting")).code == 3011
+    for node, n in ((a, 1), (b, 2), (a, 3)):  # missed
+        result = await api_ok(node, "publish", {"channel": channel, "data": n})
+        assert result["offset"] == n
+    await until(lambda: _written(a), what="A has written its publications")
+
+    page = await api_ok(c, "history", {"channel": channel, "limit": -1})
+    assert [(p["offset"], p["data"]) for p in page["publications"]] == [(1, 1), (2, 2), (3, 3)]
+    events.hold_reconnect.set()
+    ctx = await ev.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, True)
+    assert [(p.offset, p.data) for p in await take(ev, 3)] == [(1, 1), (2, 2), (3, 3)]
+    assert ev.drain("publication") == []
+
+
+async def test_persistent_recovery_with_a_publication_nowhere_readable_is_not_recovered(
+    stored_cluster, stored_sdk
+):
+    """When a missed publication is neither in the broker's window nor stored yet (B still
+    queues it), recovery says ``recovered: false``: never a silent gap."""
+    a, b, c = await _start_with_a_slow_writer(stored_cluster)
+    channel = "persist:hole"  # the broker keeps the last 5
+    client, events = await stored_sdk.connected(c.ws_url, "alice")
+    _, ev, _ = await subscribed(client, channel, recoverable=True)
+
+    events.hold_reconnect = asyncio.Event()
+    await api_ok(c, "disconnect", {"user": "alice", "disconnect": {"code": 3011, "reason": "r"}})
+    assert (await events.next("connecting")).code == 3011
+    await api_ok(a, "publish", {"channel": channel, "data": 1})
+    await api_ok(b, "publish", {"channel": channel, "data": 2})  # queued on B
+    for n in range(3, 9):
+        await api_ok(a, "publish", {"channel": channel, "data": n})
+    await until(lambda: _written(a), what="A has written its publications")
+
+    events.hold_reconnect.set()
+    ctx = await ev.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, False)
+    assert ctx.stream_position.offset == 8
+    assert ev.drain("publication") == []
