@@ -870,8 +870,10 @@ class Hub:
         while True:
             await asyncio.sleep(interval)
             for chan_name, chan in list(self.channels.items()):
-                for sub in list(chan.subs.values()):
-                    if sub.opts.presence and sub.live:
+                for client, sub in list(chan.subs.items()):
+                    # Skip one that ended during this pass (the awaits let it): its
+                    # entry is removed, and adding it back would keep it presence_ttl.
+                    if sub.opts.presence and sub.live and chan.subs.get(client) is sub:
                         try:
                             await self.presence_manager.add_presence(chan_name, sub.info, ttl)
                         except EngineError as exc:

@@ -301,3 +301,49 @@ async def test_write_to_a_stream_tornado_closed_is_a_transport_error(squall):
     client.transport._stream.close()  # type: ignore[attr-defined]
     with pytest.raises(TransportError):
         client.transport.write(b"{}", {})
+
+
+async def test_presence_refresh_does_not_bring_back_a_client_that_left(
+    squall, redis_url, unique_prefix
+):
+    """A subscriber that leaves while the periodic presence refresh is under way stays out
+    of presence: the pass does not add its entry back (it would count for presence_ttl)."""
+    sq = await squall(
+        **{
+            "redis.url": redis_url,
+            "redis.prefix": unique_prefix,
+            "namespaces.chat.presence": True,
+            "client.presence_interval": 0.1,
+            "client.presence_ttl": 30,
+        }
+    )
+    ids = {}
+    for user in ("alice", "bob"):  # alice first: the pass refreshes her before bob
+        c = await sq.raw()
+        ids[user] = (await c.connect(user))["connect"]["client"]
+        assert "subscribe" in await c.command("subscribe", {"channel": "chat:pr"})
+    bob = c
+    manager = sq.hub.presence_manager
+    add = manager.add_presence
+    held, release = asyncio.Event(), asyncio.Event()
+    alice_refreshed = 0
+
+    async def slow_add(channel, info, ttl):
+        nonlocal alice_refreshed
+        if info.client == ids["alice"]:
+            alice_refreshed += 1
+            held.set()
+            await release.wait()  # a slow Redis while the pass refreshes alice
+        await add(channel, info, ttl)
+
+    manager.add_presence = slow_add  # type: ignore[method-assign]
+    await asyncio.wait_for(held.wait(), 2)
+    bob.close()  # leaves in the middle of the pass
+    async with asyncio.timeout(5):  # polling conditions, with a deadline
+        while ids["bob"] in sq.hub.clients or ids["bob"] in await manager.presence("chat:pr"):
+            await asyncio.sleep(0.01)
+        refreshed = alice_refreshed
+        release.set()
+        while alice_refreshed <= refreshed:  # the next pass has begun: the held one is over
+            await asyncio.sleep(0.01)
+    assert set(await manager.presence("chat:pr")) == {ids["alice"]}
