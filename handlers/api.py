@@ -39,6 +39,15 @@ def _str(params: Mapping[str, Any], key: str, *, required: bool = True) -> str:
     return value
 
 
+def _target(params: Mapping[str, Any]) -> tuple[str, str]:
+    """``user`` and ``client`` of a user-targeted method (``""``: not given)."""
+    if _str(params, "session", required=False):
+        # Centrifugo can target one connection by its session id. Squall connections
+        # have none, and ignoring the field would reach all of the user's connections.
+        raise ClientError(codes.BAD_REQUEST, "session targets are not supported, use client")
+    return _str(params, "user", required=False), _str(params, "client", required=False)
+
+
 class Api:
     """The server API methods, independent of HTTP (also used by ``batch``)."""
 
@@ -102,7 +111,7 @@ class Api:
         return {"responses": responses}
 
     async def subscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
-        user = _str(p, "user", required=False)
+        user, client = _target(p)
         channel, _ = self._channel(p)
         # data: sent in the client's subscribe push; info: the subscription's channel
         # info (presence, join/leave, its publications). Both as raw JSON text.
@@ -111,21 +120,19 @@ class Api:
             "subscribe",
             user=user,
             channel=channel,
-            client=_str(p, "client", required=False),
+            client=client,
             **extra,
         )
         return {}
 
     async def unsubscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
-        user = _str(p, "user", required=False)
+        user, client = _target(p)
         channel, _ = self._channel(p)
-        await self.hub.control(
-            "unsubscribe", user=user, channel=channel, client=_str(p, "client", required=False)
-        )
+        await self.hub.control("unsubscribe", user=user, channel=channel, client=client)
         return {}
 
     async def disconnect(self, p: Mapping[str, Any]) -> dict[str, Any]:
-        user = _str(p, "user", required=False)
+        user, client = _target(p)
         d = p.get("disconnect") or {}
         if not isinstance(d, dict):
             raise ClientError(codes.BAD_REQUEST, "disconnect must be an object")
@@ -139,7 +146,7 @@ class Api:
         await self.hub.control(
             "disconnect",
             user=user,
-            client=_str(p, "client", required=False),
+            client=client,
             code=code,
             reason=reason[:120],
             whitelist=whitelist,  # client ids to keep connected
@@ -147,14 +154,14 @@ class Api:
         return {}
 
     async def refresh(self, p: Mapping[str, Any]) -> dict[str, Any]:
-        user = _str(p, "user", required=False)
+        user, client = _target(p)
         expire_at = p.get("expire_at") or 0
         if not isinstance(expire_at, int):
             raise ClientError(codes.BAD_REQUEST, "expire_at must be an integer")
         await self.hub.control(
             "refresh",
             user=user,
-            client=_str(p, "client", required=False),
+            client=client,
             expired=bool(p.get("expired")),
             expire_at=expire_at,
         )
@@ -162,13 +169,13 @@ class Api:
 
     async def send(self, p: Mapping[str, Any]) -> dict[str, Any]:
         """Squall extension: a ``message`` push to every connection of ``user``."""
-        user = _str(p, "user", required=False)
+        user, client = _target(p)
         if "data" not in p:
             raise ClientError(codes.BAD_REQUEST, "data required")
         await self.hub.control(
             "message",
             user=user,
-            client=_str(p, "client", required=False),
+            client=client,
             data=orjson.dumps(p["data"]).decode(),
         )
         return {}

@@ -422,3 +422,27 @@ async def test_wrong_api_key_is_unauthorized(squall):
         page = await api.history(HistoryRequest(channel="chat:x", limit=-1))
     assert page.publications == []
     assert page.offset == 0
+
+
+async def test_session_target_is_refused_not_widened_to_every_connection(squall):
+    """Centrifugo's `session` target is error 107, never widened to all the user's connections."""
+    sq = await squall()
+    c1 = await subscriber(sq, "alice", "chat:sess")
+    c2 = await subscriber(sq, "alice", "chat:sess")
+    async with cent_client(sq) as api:
+        calls = [
+            (api.refresh, RefreshRequest(user="alice", session="s1", expired=True)),
+            (api.disconnect, DisconnectRequest(user="alice", session="s1")),
+            (api.unsubscribe, UnsubscribeRequest(user="alice", channel="chat:sess", session="s1")),
+            (api.subscribe, SubscribeRequest(user="alice", channel="chat:other", session="s1")),
+        ]
+        for method, request in calls:
+            with pytest.raises(CentApiResponseError) as err:
+                await method(request)
+            assert err.value.code == 107, request
+        stats = await api.presence_stats(PresenceStatsRequest(channel="chat:sess"))
+    assert (stats.num_clients, stats.num_users) == (2, 1)
+    for c in (c1, c2):
+        reply = await c.command("rpc", {"method": "echo", "data": "still here"})
+        assert reply["rpc"]["data"] == "still here"
+    assert all(set(client.subs) == {"chat:sess"} for client in sq.hub.clients.values())
