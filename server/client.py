@@ -563,7 +563,9 @@ class Client:
 
     def server_refresh(self, expired: bool, expire_at: int) -> None:
         """Server API ``refresh``: expire now, or move the expiry."""
-        if expired:
+        if expired or 0 < expire_at <= time.time():
+            # An expiry already passed expires now, as in Centrifugo: no refresh push,
+            # no expired_close_delay grace in which the connection still gets messages.
             self.disconnect(codes.CONNECTION_EXPIRED, "expired by server API")
             return
         self.exp = expire_at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,6 +282,23 @@ async def test_refresh_expired_closes_with_3005(squall):
         await api.refresh(RefreshRequest(user="alice", expired=True))
     code, _ = await c.closed()
     assert code == 3005
+
+
+async def test_refresh_with_an_expiry_already_passed_closes_now(squall):
+    """refresh with expire_at in the past closes with 3005 at once, not after the grace."""
+    sq = await squall()  # client.expired_close_delay: 25 s by default
+    c = await sq.raw(connect=True, sub="alice")
+    other = await sq.raw(connect=True, sub="bob")
+    async with cent_client(sq) as api:
+        await api.refresh(RefreshRequest(user="alice", expire_at=int(time.time()) - 10))
+        await api.refresh(RefreshRequest(user="bob", expire_at=int(time.time()) + 100))
+        with pytest.raises(CentApiResponseError) as err:
+            await api.refresh(RefreshRequest(user="bob", expire_at=-1))
+    assert err.value.code == 107
+    assert await c.closed() == (3005, "connection expired")
+    push = await other.next_push()
+    assert push["push"]["refresh"]["expires"] is True
+    assert 90 <= push["push"]["refresh"]["ttl"] <= 100
 
 
 async def test_presence_and_presence_stats(squall):
