@@ -8,6 +8,7 @@ using the client error codes; malformed JSON is 400, unknown methods 404.
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hmac
 import logging
@@ -37,6 +38,26 @@ def _str(params: Mapping[str, Any], key: str, *, required: bool = True) -> str:
     if not isinstance(value, str) or (required and not value):
         raise ClientError(codes.BAD_REQUEST, f"{key} required")
     return value
+
+
+_ABSENT: Any = object()  # _json_param: the parameter was not given
+
+
+def _json_param(params: Mapping[str, Any], key: str) -> Any:
+    """``params[key]``, or Centrifugo's ``b64<key>`` (base64 of the payload; it wins) decoded.
+
+    Squall's clients speak JSON only, so the decoded bytes must be JSON: they are
+    parsed here and encoded again on one line, as ``data`` is.
+    """
+    b64 = params.get("b64" + key)
+    if b64 is None or b64 == "":
+        return params.get(key, _ABSENT)
+    try:
+        if not isinstance(b64, str):
+            raise ValueError
+        return orjson.loads(base64.b64decode(b64, validate=True))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
+        raise ClientError(codes.BAD_REQUEST, f"b64{key} must be base64 of JSON") from None
 
 
 def _target(params: Mapping[str, Any]) -> tuple[str, str]:
@@ -80,7 +101,8 @@ class Api:
 
     async def publish(self, p: Mapping[str, Any]) -> dict[str, Any]:
         channel, opts = self._channel(p)
-        if "data" not in p:
+        data = _json_param(p, "data")
+        if data is _ABSENT:
             raise ClientError(codes.BAD_REQUEST, "data required")
         if opts.telemetry:
             # Telemetry is validated, rate-limited and stored per device; a plain
@@ -92,7 +114,7 @@ class Api:
             opts = _without_history(opts)
         position = await self.hub.publish(
             channel,
-            orjson.dumps(p["data"]),
+            orjson.dumps(data),
             opts,
             tags=_tags(p),
             idempotency_key=_str(p, "idempotency_key", required=False),
@@ -103,11 +125,13 @@ class Api:
         channels = p.get("channels")
         if not isinstance(channels, list) or not channels:
             raise ClientError(codes.BAD_REQUEST, "channels required")
-        if "data" not in p:
+        data = _json_param(p, "data")  # decoded once for all channels
+        if data is _ABSENT:
             raise ClientError(codes.BAD_REQUEST, "data required")
         responses = []
         for channel in channels:
-            responses.append(await self.call("publish", {**p, "channel": channel}))
+            one = {**p, "channel": channel, "data": data, "b64data": None}
+            responses.append(await self.call("publish", one))
         return {"responses": responses}
 
     async def subscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,7 +139,11 @@ class Api:
         channel, _ = self._channel(p)
         # data: sent in the client's subscribe push; info: the subscription's channel
         # info (presence, join/leave, its publications). Both as raw JSON text.
-        extra = {k: orjson.dumps(p[k]).decode() for k in ("data", "info") if p.get(k) is not None}
+        extra = {}
+        for key in ("data", "info"):
+            value = _json_param(p, key)
+            if value is not _ABSENT and value is not None:
+                extra[key] = orjson.dumps(value).decode()
         await self.hub.control(
             "subscribe",
             user=user,

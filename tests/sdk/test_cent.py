@@ -7,7 +7,9 @@ server-side subscribe, the centrifuge-python SDK's own events).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -192,6 +194,45 @@ async def test_subscribe_data_and_info_reach_the_client_and_presence(squall):
         assert ctx.data == {"hello": 1}
         presence = await api.presence(PresenceRequest(channel="chat:welcome"))
         assert presence.presence[client.client_id].chan_info == {"role": "x"}
+
+
+def b64(value: Any) -> str:
+    return base64.b64encode(json.dumps(value, indent=1).encode()).decode()  # several lines
+
+
+async def test_b64_payloads_are_decoded_when_they_hold_json(squall):
+    """cent's b64data / b64info (Centrifugo's binary variants) work for JSON payloads."""
+    sq = await squall()
+    c = await subscriber(sq, "alice", "chat:b64")
+    async with cent_client(sq) as api:
+        one = await api.publish(PublishRequest(channel="chat:b64", data=None, b64data=b64([1])))
+        both = await api.publish(
+            PublishRequest(channel="chat:b64", data="ignored", b64data=b64({"b": 2}))
+        )
+        fanned = await api.broadcast(
+            BroadcastRequest(channels=["chat:b64", "chat:b64x"], data=None, b64data=b64("x"))
+        )
+        for bad in ("not base64!", base64.b64encode(b"\xff not json").decode()):
+            with pytest.raises(CentApiResponseError) as err:
+                await api.publish(PublishRequest(channel="chat:b64", data=None, b64data=bad))
+            assert err.value.code == 107
+        await api.subscribe(
+            SubscribeRequest(
+                user="alice", channel="chat:b64sub", b64data=b64({"d": 1}), b64info=b64({"i": 1})
+            )
+        )
+        pubs, subscribed = [], None
+        while len(pubs) < 3 or subscribed is None:
+            push = (await c.next_push())["push"]
+            if "pub" in push:
+                pubs.append(push["pub"])
+            subscribed = push.get("subscribe", subscribed)
+        presence = await api.presence(PresenceRequest(channel="chat:b64sub"))
+    assert (one.offset, both.offset) == (1, 2)
+    assert [r.error for r in fanned.responses] == [None, None]
+    assert [p["data"] for p in pubs] == [[1], {"b": 2}, "x"]
+    assert subscribed["data"] == {"d": 1}
+    assert [info.chan_info for info in presence.presence.values()] == [{"i": 1}]
 
 
 async def test_unsubscribe_pushes_unsubscribe_with_server_code(squall):
