@@ -12,6 +12,7 @@ import base64
 import fnmatch
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -264,9 +265,10 @@ class Api:
 
     async def channels(self, p: Mapping[str, Any]) -> dict[str, Any]:
         pattern = _str(p, "pattern", required=False)
+        matcher = _channel_matcher(pattern) if pattern else None
         out = {}
         for name, chan in self.hub.channels.items():
-            if pattern and not fnmatch.fnmatchcase(name, pattern):
+            if matcher is not None and not matcher.match(name):
                 continue
             out[name] = {"num_clients": len(chan.subs)}
         return {"channels": out}
@@ -299,6 +301,61 @@ def _tags(p: Mapping[str, Any]) -> dict[str, str] | None:
     ):
         raise ClientError(codes.BAD_REQUEST, "tags must map strings to strings")
     return tags
+
+
+MAX_PATTERN_ALTERNATIVES = 100
+MAX_PATTERN_NESTING = 10
+# Translating a pattern is quadratic in its length (fnmatch's own loop for [, ours
+# for {...}): 50 000 characters of "[" block the IOLoop for minutes.
+MAX_PATTERN_LENGTH = 1024
+
+
+def _channel_matcher(pattern: str) -> re.Pattern[str]:
+    """The ``channels`` pattern as one regex (fnmatch's translation of each alternative).
+
+    Centrifugo (and cent's documentation) use gobwas/glob: ``*``, ``?`` and ``[...]``
+    as in fnmatch, plus ``{a,b}`` alternatives (nested too) and ``\\`` escaping the
+    next character. Those two are rewritten into plain fnmatch patterns here.
+    """
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ClientError(codes.BAD_REQUEST, "pattern too long")
+    alternatives, _ = _expand_pattern(pattern, 0, depth=0)
+    return re.compile("|".join(fnmatch.translate(a) for a in alternatives))
+
+
+def _expand_pattern(p: str, i: int, *, depth: int) -> tuple[list[str], int]:
+    """``p[i:]`` up to its closing ``}`` (``depth`` > 0) as fnmatch patterns; the index after."""
+    if depth > MAX_PATTERN_NESTING:
+        raise ClientError(codes.BAD_REQUEST, "pattern nests {} too deep")
+    done: list[str] = []  # alternatives ended by a ","
+    current = [""]  # the alternative being read, multiplied by the {...} in it
+    while i < len(p):
+        ch = p[i]
+        i += 1
+        if ch == "\\":
+            if i == len(p):
+                break  # a trailing backslash escapes nothing
+            ch = p[i]
+            i += 1
+            current = [c + (f"[{ch}]" if ch in "*?[" else ch) for c in current]
+        elif ch == "[" and (end := p.find("]", i + 1)) != -1:
+            current = [c + p[i - 1 : end + 1] for c in current]  # a class, as is
+            i = end + 1
+        elif ch == "[":
+            current = [c + "[[]" for c in current]  # never closed: a literal [
+        elif ch == "{":
+            inner, i = _expand_pattern(p, i, depth=depth + 1)
+            current = [c + alt for c in current for alt in inner]
+        elif depth and ch == ",":
+            done += current
+            current = [""]
+        elif depth and ch == "}":
+            break
+        else:
+            current = [c + ch for c in current]
+        if len(done) + len(current) > MAX_PATTERN_ALTERNATIVES:
+            raise ClientError(codes.BAD_REQUEST, "pattern has too many {} alternatives")
+    return done + current, i
 
 
 def _without_history(opts: Any) -> Any:

@@ -425,6 +425,29 @@ async def test_channels_lists_active_channels_matching_the_pattern(squall):
     }
 
 
+async def test_channels_pattern_has_centrifugos_alternatives_and_escapes(squall):
+    """Patterns follow Centrifugo's glob (cent documents it): {a,b} alternatives, \\ escapes."""
+    sq = await squall()
+    for channel in ("chat:one", "chat:two", "chat:three", "chat:a,b", "chat:x*y", "news"):
+        await subscriber(sq, "alice", channel)
+
+    async with cent_client(sq) as api:
+
+        async def names(pattern: str) -> set[str]:
+            return set((await api.channels(ChannelsRequest(pattern=pattern))).channels)
+
+        assert await names("chat:{one,t[w]o}") == {"chat:one", "chat:two"}
+        assert await names("{news,chat:{one,{two,none}}}") == {"news", "chat:one", "chat:two"}
+        assert await names("chat:{a\\,b,x\\*y}") == {"chat:a,b", "chat:x*y"}
+        assert await names("chat:[!o]*") == {"chat:two", "chat:three", "chat:a,b", "chat:x*y"}
+        assert await names("chat:x\\*") == set()  # an escaped * is a literal *
+        # 256 alternatives; a pattern long enough to block the loop while translated
+        for pattern in ("{a,b}" * 8, "[" * 1025):
+            with pytest.raises(CentApiResponseError) as err:
+                await api.channels(ChannelsRequest(pattern=pattern))
+            assert err.value.code == 107
+
+
 async def test_info_lists_this_node(squall):
     """info returns a nodes list whose first node is this one, with live counts."""
     sq = await squall()
