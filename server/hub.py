@@ -547,7 +547,11 @@ class Hub:
             return
         frame = encode_push(channel, kind, {"info": info_to_dict(info)})
         for client, sub in chan.subs.items():
-            if sub.pending is None and sub.join_leave:
+            # Every subscription whose reply is queued, including one still
+            # buffering publications until the stream reaches its position
+            # (went_live): that wait lasts until the next publication, and the
+            # joins and leaves meanwhile would otherwise be lost for good.
+            if sub.live and sub.join_leave:
                 client.enqueue(frame)
 
     def _insufficient(self, channel: str, chan: ChannelSubs) -> None:

@@ -690,6 +690,25 @@ async def test_join_and_leave_pushes(squall):
     assert leave["leave"]["info"]["client"] == b_id
 
 
+async def test_join_and_leave_reach_a_subscriber_positioned_in_existing_history(squall):
+    """A recoverable subscriber to a channel that already has history gets join/leave
+    pushes at once, not only after the next publication (as Centrifugo does)."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    await publish_api(sq, ch, 1)  # the stream is at offset 1 before anyone subscribes here
+    a = await sq.raw(connect=True)
+    assert (await subscribed(a, ch, recoverable=True))["offset"] == 1
+    assert (await next_of(a, "join"))["join"]["info"]["user"] == "alice"  # itself
+    b = await sq.raw(connect=True, sub="bob")
+    await subscribed(b, ch, recoverable=True)
+    assert (await next_of(a, "join"))["join"]["info"]["user"] == "bob"
+    b.close()
+    assert (await next_of(a, "leave"))["leave"]["info"]["user"] == "bob"
+    await publish_api(sq, ch, 2)
+    push = await next_pub(a)
+    assert (push["pub"]["offset"], push["pub"]["data"]) == (2, 2)
+
+
 async def test_leave_push_when_a_subscriber_disconnects(squall):
     """A subscriber whose connection drops is announced as leaving."""
     sq = await squall()
