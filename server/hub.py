@@ -819,11 +819,15 @@ class Hub:
     async def recover(
         self, channel: str, opts: ChannelOptions, since: StreamPosition
     ) -> tuple[list[Publication], StreamPosition, bool]:
-        """Publications after ``since``; ``recovered`` only when none is missing."""
+        """Publications after ``since``; ``recovered`` only when none is missing.
+
+        An empty epoch means the current one, as in Centrifugo: centrifuge-js
+        sends none for a ``since`` position given without one.
+        """
         page = await self.history(channel, opts, since=since, limit=None)
         pos = page.position
         pubs = page.publications
-        if since.epoch != pos.epoch:
+        if since.epoch and since.epoch != pos.epoch:
             return [], pos, False
         if since.offset == pos.offset:
             return [], pos, True

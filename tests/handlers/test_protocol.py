@@ -643,6 +643,27 @@ async def test_recovery_with_wrong_epoch_is_not_recovered(squall):
     assert (await next_pub(c))["pub"]["offset"] == 2
 
 
+async def test_recovery_without_epoch_recovers_from_the_current_stream(squall):
+    """A recover without epoch (centrifuge-js ``since: {offset}``) means the current
+    epoch, as in Centrifugo and the history call: the missed publications come back."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    for n in (1, 2, 3):
+        pos = await publish_api(sq, ch, n)
+    c = await sq.raw(connect=True)
+    result = await subscribed(c, ch, recoverable=True, recover=True, offset=1)
+    assert result["recovered"] is True
+    assert [p["offset"] for p in result["publications"]] == [2, 3]
+    assert (result["epoch"], result["offset"]) == (pos["epoch"], 3)
+    assert "unsubscribe" in await c.command("unsubscribe", {"channel": ch})
+    # An empty epoch is the same; get_state's flag 2 gets the publications, not 112.
+    result = await subscribed(c, ch, recoverable=True, recover=True, offset=2, epoch="", flag=2)
+    assert result["recovered"] is True
+    assert [p["offset"] for p in result["publications"]] == [3]
+    await publish_api(sq, ch, 4)
+    assert (await next_pub(c))["pub"]["offset"] == 4
+
+
 async def test_recovery_beyond_the_history_window_is_not_recovered(squall):
     """When history no longer reaches back to the position, recovered is false (no silent gap)."""
     sq = await squall()
