@@ -703,6 +703,7 @@ class Client:
         self.subs[channel] = sub
         result: dict[str, Any] = {}
         position: StreamPosition | None = None
+        reply_offset: int | None = None  # the reply's offset when not position's
         try:
             await self._hub.add_subscription(self, sub)
             if recoverable:
@@ -717,6 +718,12 @@ class Client:
                     result["recovered"] = recovered
                     if pubs:
                         result["publications"] = [pub_to_dict(pub) for pub in pubs]
+                        # The position recovered from, as Centrifugo replies: the SDKs
+                        # take it, then move it with each recovered publication the
+                        # app handled. The stream's top would mark the publications
+                        # handled before they are, and a handler failing or a
+                        # connection lost meanwhile would skip them on the next recovery.
+                        reply_offset = since.offset
                 else:
                     position = await self._hub.position(channel, opts)
                 result["recoverable"] = True
@@ -736,7 +743,8 @@ class Client:
                 self._hub.presence_manager.remove_presence(channel, self.id), "presence remove"
             )
         if position is not None:
-            result.update(positioned=True, epoch=position.epoch, offset=position.offset)
+            offset = position.offset if reply_offset is None else reply_offset
+            result.update(positioned=True, epoch=position.epoch, offset=offset)
         result.update(self._ttl(exp))
 
         def activate() -> None:

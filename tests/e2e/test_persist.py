@@ -131,7 +131,7 @@ async def test_history_offsets_and_recovery_survive_a_graceful_restart(
         )
         result = reply["subscribe"]
         assert result.get("recovered") is True, result
-        assert (result["offset"], result["epoch"]) == (latest, epoch)
+        assert (result["offset"], result["epoch"]) == (3, epoch)  # recovered from
         pubs = result["publications"]
         assert [p["offset"] for p in pubs] == list(range(4, latest + 1))
         assert [p["data"] for p in pubs] == [data(n) for n in range(4, latest + 1)]

@@ -353,6 +353,61 @@ async def test_recovery_after_dropped_connection_delivers_missed_once_in_order(s
     assert events.drain("disconnected") == []
 
 
+class FailsOnce(SubEvents):
+    """Publication handler that raises once, on the first publication after ``arm()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def arm(self) -> None:
+        self.armed = True
+
+    async def on_publication(self, ctx: Any) -> None:
+        if self.armed:
+            self.armed = False
+            self.put("failed", ctx)
+            raise RuntimeError("the application could not store it")
+        await super().on_publication(ctx)
+
+
+async def test_recovered_publications_a_handler_failed_on_are_recovered_again(squall, sdk, io_loop):
+    """The SDK keeps its position before a recovered publication its handler failed on,
+    so recovering again delivers it (the subscribe reply carries the position recovered
+    from, as Centrifugo's does, not the stream's top)."""
+    sq = await squall()
+    ch = "chat:handler-fails"
+    client, events = await sdk.connected(sq.ws_url)
+    await api_ok(sq, "publish", {"channel": ch, "data": {"n": 1}})
+    ev = FailsOnce()
+    sub = client.new_subscription(ch, events=ev, recoverable=True)
+    await sub.subscribe()
+    assert (await ev.next("subscribed")).stream_position.offset == 1
+    await client.disconnect()
+    assert (await events.next("disconnected")).reason == "disconnect called"
+    for n in (2, 3):
+        await api_ok(sq, "publish", {"channel": ch, "data": {"n": n}})
+
+    ev.arm()
+    # The SDK reports the handler's exception to the loop's handler, then stops.
+    io_loop.asyncio_loop.set_exception_handler(lambda loop, context: None)
+    try:
+        await client.connect()
+        ctx = await ev.next("subscribed")
+        assert (ctx.recovered, ctx.stream_position.offset) == (True, 1)
+        assert (await ev.next("failed")).pub.offset == 2
+        assert (await events.next("disconnected")).reason.startswith("exception in event handler")
+    finally:
+        io_loop.asyncio_loop.set_exception_handler(None)
+    assert ev.drain("publication") == []
+
+    await client.connect()
+    ctx = await ev.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, True)
+    got = [(await ev.next("publication")).pub for _ in range(2)]
+    assert [(p.offset, p.data["n"]) for p in got] == [(2, 2), (3, 3)]
+
+
 async def test_terminal_disconnect_leaves_the_sdk_disconnected(squall, sdk):
     """A 3503 force disconnect ends in on_disconnected, and the SDK does not reconnect."""
     sq = await squall()
