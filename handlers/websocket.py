@@ -124,7 +124,7 @@ SWITCHING_PROTOCOLS = (
 )
 READ_CHUNK = 65536  # bytes asked of the stream per read (it returns what it has)
 YIELD_EVERY = 256 * 1024  # input handled before other connections get a turn
-FRAME_COST = 1024  # each message counts this much more towards YIELD_EVERY
+FRAME_COST = 1024  # each frame (data or control) counts this much more towards YIELD_EVERY
 
 
 # The reading task of every open connection (the event loop keeps only weak
@@ -270,6 +270,16 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     break
                 payload = data[head:end]
                 i = end
+                # Every frame counts, control frames and fragments too, and the
+                # turn is given between frames, not only between reads: one
+                # read of tiny frames (64 KiB of pings, each answered with a
+                # pong write) would otherwise hold the loop for half a second.
+                work += FRAME_COST + length
+                if work >= YIELD_EVERY:
+                    work = 0
+                    await asyncio.sleep(0)  # a busy connection lets the others in
+                    if self._ended():
+                        return
                 if mask:
                     payload = _websocket_mask(mask, payload)
                 final = b0 & 0x80
@@ -315,7 +325,6 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     self._abort()  # an unknown data opcode
                     return
                 self._message_bytes_in += len(payload)
-                work += FRAME_COST + len(payload)
                 try:
                     result = handler.on_message(message)
                     if result is not None:
@@ -327,9 +336,6 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                 if self._ended():
                     return
             data = data[i:] if i else data
-            if work >= YIELD_EVERY:
-                work = 0
-                await asyncio.sleep(0)  # a busy connection lets the others in
 
 
 class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):

@@ -14,6 +14,8 @@ import base64
 import os
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +24,7 @@ import pytest
 
 from tests.handlers.test_bad_input import Bystander, server_and_bystander
 from tests.helpers.logs import expect_log
-from tests.helpers.server import RunningSquall, token
+from tests.helpers.server import TIME_FACTOR, RunningSquall, token
 
 TEXT, BINARY, CLOSE, PING, PONG, CONTINUATION = 0x1, 0x2, 0x8, 0x9, 0xA, 0x0
 
@@ -342,3 +344,52 @@ async def test_broken_frames_drop_only_their_connection(squall, tcp):
                 got.append((opcode, payload))
         assert all(op != TEXT for op, _ in got), (name, got)
         await ok.still_works()
+
+
+def flood_frames(port: int, data: bytes, seconds: float) -> None:
+    """From a thread: handshake on a blocking socket, then send ``data`` over and over
+    for ``seconds`` without reading (the server's answers pile up unread)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(
+            (
+                f"GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        s.settimeout(0.1)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                s.sendall(data)
+            except TimeoutError:
+                pass  # the server is behind: keep its socket full
+            except OSError:
+                return
+
+
+async def test_a_ping_flood_does_not_hold_the_loop(squall):
+    """A peer streaming WebSocket pings as fast as its socket takes them (each one
+    answered with a pong write: one 64 KiB read holds about 10 000) gets turns like
+    any other connection: the loop never stalls for long, and a bystander keeps
+    publishing and receiving meanwhile."""
+    sq, ok = await server_and_bystander(squall, **{"client.command_rate": 0})
+    loop = asyncio.get_running_loop()
+    flooder = threading.Thread(
+        target=flood_frames, args=(sq.port, frame(PING, b"") * 20_000, 2.0), daemon=True
+    )
+    flooder.start()
+    stalls: list[float] = []
+    deadline = loop.time() + 1.5
+    while loop.time() < deadline:
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        stalls.append(loop.time() - before - 0.01)
+    await ok.still_works()
+    await asyncio.to_thread(flooder.join)
+    assert max(stalls) < 0.25 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
+    await ok.still_works()
