@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
 
 from server.auth import TokenVerifier
 from server.config import Config
@@ -39,14 +44,98 @@ def make_app(
 
 
 def make_server(app: tornado.web.Application, config: Config) -> HTTPServer:
-    """The HTTP server for ``app`` (not listening yet)."""
-    return HTTPServer(
+    """The HTTP server for ``app`` (not listening yet).
+
+    A connection has ``client.connect_timeout`` to send its request headers
+    (the WebSocket upgrade included), and an idle keep-alive connection is
+    closed after as long: Tornado's default of an hour let connections that
+    never finish their headers (slowloris) pile up until the process ran out
+    of file descriptors.
+    """
+    return _Server(
         app,
         max_body_size=config.api.max_body_bytes,
         xheaders=config.server.trust_proxy_headers,
+        idle_connection_timeout=config.client.connect_timeout,
     )
 
 
+ACCEPT_PAUSE: Final = 1.0  # seconds accepting pauses when the process is out of descriptors
+ACCEPT_BATCH: Final = 128  # connections accepted per readiness event (Tornado's number)
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class _Server(HTTPServer):
+    """Tornado's HTTP server with an accept loop that survives running out of descriptors."""
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = add_accept_handler(sock, self._handle_connection)
+
+
+def add_accept_handler(
+    sock: socket.socket, callback: Callable[[socket.socket, Any], None]
+) -> Callable[[], None]:
+    """``tornado.netutil.add_accept_handler``, pausing when ``accept`` runs out of resources.
+
+    Tornado's lets EMFILE (too many open files) escape: the listening socket
+    stays readable, so the loop calls the handler again at once and asyncio
+    logs a traceback each time, tens of thousands a second with a core busy,
+    until a descriptor frees up. Here accepting pauses for ``ACCEPT_PAUSE``
+    instead (as asyncio's own servers do), with one warning until a
+    connection is accepted again; waiting connections stay in the backlog.
+    Returns the function that stops accepting.
+    """
+    io_loop = IOLoop.current()
+    state: dict[str, Any] = {"removed": False, "paused": None, "warned": False}
+
+    def resume() -> None:
+        state["paused"] = None
+        if not state["removed"]:
+            io_loop.add_handler(sock, accept_handler, IOLoop.READ)
+
+    def accept_handler(fd: Any, events: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if state["removed"] or state["paused"] is not None:
+                return
+            try:
+                connection, address = sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                if not state["warned"]:
+                    state["warned"] = True
+                    log.warning(
+                        "cannot accept connections (%s); pausing accept for %gs at a time",
+                        exc.strerror,
+                        ACCEPT_PAUSE,
+                    )
+                io_loop.remove_handler(sock)
+                state["paused"] = io_loop.call_later(ACCEPT_PAUSE, resume)
+                return
+            if state["warned"]:
+                state["warned"] = False
+                log.warning("accepting connections again")
+            callback(connection, address)
+
+    def remove_handler() -> None:
+        state["removed"] = True
+        if state["paused"] is not None:
+            io_loop.remove_timeout(state["paused"])
+            state["paused"] = None
+        else:
+            io_loop.remove_handler(sock)
+
+    io_loop.add_handler(sock, accept_handler, IOLoop.READ)
+    return remove_handler
+
+
+log = logging.getLogger("squall.server")
 access_log = logging.getLogger("tornado.access")
 
 

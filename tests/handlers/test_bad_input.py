@@ -8,6 +8,7 @@ INFO line it must produce (STYLE.md 24).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import time
@@ -767,6 +768,61 @@ async def test_api_oversize_body_gets_413_from_run_py(procs):
         await ok.still_works()
     finally:
         ok.client.close()
+
+
+async def test_unfinished_request_headers_are_dropped_after_connect_timeout(squall):
+    """Connections that never finish their request headers (slowloris: silent, or
+    trickling a header line at a time) are closed after ``client.connect_timeout``
+    instead of being held for Tornado's default hour, until descriptors run out."""
+    sq, ok = await server_and_bystander(squall, **{"client.connect_timeout": 0.5})
+    start = b"GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    silent_r, silent_w = await asyncio.open_connection("127.0.0.1", sq.port)
+    silent_w.write(start)
+    trickle_r, trickle_w = await asyncio.open_connection("127.0.0.1", sq.port)
+    trickle_w.write(start)
+
+    async def trickle() -> None:
+        for i in range(100):
+            trickle_w.write(f"X-Slow-{i}: 1\r\n".encode())
+            await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    started = time.monotonic()
+    try:
+        for reader in (silent_r, trickle_r):
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        trickling.cancel()
+        silent_w.close()
+        trickle_w.close()
+    assert time.monotonic() - started < 3
+    await ok.still_works()
+
+
+async def test_running_out_of_file_descriptors_pauses_accepting(procs):
+    """With every descriptor taken (here by connections that never send their
+    headers), accepting pauses with one warning rather than failing once per loop
+    turn (a traceback each, thousands a second, a core busy); connections are
+    accepted again once descriptors are free."""
+    proc = procs(max_open_files=64).start()
+    await proc.wait_ready_async()
+    writers = []
+    for _ in range(80):
+        _, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        writers.append(writer)
+    await asyncio.sleep(1.5)
+    for writer in writers:
+        writer.close()
+    for _ in range(50):
+        if await asyncio.to_thread(proc.health) == 200:
+            break
+        await asyncio.sleep(0.2)
+    assert proc.health() == 200
+    log = proc.log_text()
+    assert log.count("Too many open files") == 1, proc.log_tail()
+    assert "accepting connections again" in log
+    assert proc.error_lines() == []
 
 
 async def test_api_history_since_another_epoch_gets_112(squall):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -107,6 +108,8 @@ class SquallProcess:
             environment are dropped, see ``clean_env``).
         args: extra command-line arguments, e.g. ``["--name", "node-a"]``.
         workdir: directory for the config and log; default: a new temp dir.
+        max_open_files: the process's file descriptor limit (``RLIMIT_NOFILE``);
+            default: the runner's.
     """
 
     def __init__(
@@ -119,8 +122,10 @@ class SquallProcess:
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
         workdir: Path | None = None,
+        max_open_files: int | None = None,
     ) -> None:
         self.port = port or free_port()
+        self.max_open_files = max_open_files
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="squall-proc-"))
         self.config = copy.deepcopy(BASE_CONFIG if config is None else config)
         set_dotted(self.config, "server.port", self.port)
@@ -161,9 +166,18 @@ class SquallProcess:
         self.config_path.write_text(yaml.safe_dump(self.config), encoding="utf-8")
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+                self.argv,
+                cwd=REPO,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if self.max_open_files is None else self._limit_files,
             )
         return self
+
+    def _limit_files(self) -> None:  # in the child, before exec
+        assert self.max_open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.max_open_files, self.max_open_files))
 
     @property
     def running(self) -> bool:
