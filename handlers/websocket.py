@@ -409,6 +409,10 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
         if self.client is not None:
             await self.client.handle_frame(message)
 
+    def on_ping(self, data: bytes) -> None:
+        if self.client is not None:
+            self.client.on_transport_ping()
+
     def on_close(self) -> None:
         client = self.client
         if client is None or client.closed:

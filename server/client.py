@@ -383,6 +383,16 @@ class Client:
                 return
             await self._dispatch(cmd)
 
+    def on_transport_ping(self) -> None:
+        """The peer sent a transport-level ping (a WebSocket ping frame).
+
+        It costs a pong write like a command costs a reply, so it counts
+        against the command rate: a peer streaming pings is disconnected with
+        3013 as a command flood is. Clients ping every few seconds at most.
+        """
+        if not self._closed and not self._take_allowance():
+            self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "websocket ping rate exceeded")
+
     def _take_allowance(self) -> bool:
         rate = self._hub.config.client.command_rate
         if rate <= 0:

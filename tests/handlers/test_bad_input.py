@@ -403,6 +403,25 @@ async def test_command_flood_closes_with_3013(squall):
     await ok.still_works()
 
 
+async def test_websocket_ping_flood_closes_with_3013(squall):
+    """WebSocket ping frames count against the command rate (each costs a pong
+    write): a peer streaming them is closed with 3013 as a command flood is,
+    while a client pinging now and then keeps its connection."""
+    sq, ok = await server_and_bystander(
+        squall, **{"client.command_rate": 1, "client.command_burst": 4}
+    )
+    fine = await sq.raw(connect=True, sub="pinger")
+    fine.ws.ping(b"1")
+    fine.ws.ping(b"2")
+    assert await fine.command("ping") == {"id": 2, "ping": {}}
+    bad = await sq.raw(connect=True, sub="flooder")
+    with expect_log("squall.client", r"disconnect code=3013 .*detail=websocket ping rate exceeded"):
+        for _ in range(50):
+            bad.ws.ping(b"")
+        assert await bad.closed() == (3013, "too many requests")
+    await ok.still_works()
+
+
 async def test_commands_within_the_rate_are_fine(squall):
     """A client that stays within its burst is never cut off."""
     sq, ok = await server_and_bystander(
