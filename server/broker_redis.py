@@ -284,6 +284,13 @@ class RedisBroker:
             if self._intent.get(key) == seq:  # no later subscribe/unsubscribe of this channel
                 del self._intent[key]
                 self._wanted.pop(key, None)
+                # The SUBSCRIBE may have gone out with only its reply late (Redis
+                # slow or paused): take it back, or Redis would send this channel
+                # here for the rest of the link's life with nobody to take it.
+                try:
+                    await self._send_pubsub(b"UNSUBSCRIBE", key, wait=False)
+                except EngineError:
+                    pass  # the link is down: the next one will not subscribe this channel
             raise
 
     async def unsubscribe(self, channel: str) -> None:

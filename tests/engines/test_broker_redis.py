@@ -493,6 +493,27 @@ async def test_unresponsive_redis_is_detected_and_calls_stay_bounded(
     assert [p.offset for p in events.pubs_in("room")] == [1, 2]
 
 
+async def test_a_subscribe_that_timed_out_leaves_no_subscription_in_redis(
+    cluster: Cluster, private_redis: services.ServiceProcess
+) -> None:
+    """A SUBSCRIBE whose reply comes too late (Redis paused) fails the subscribe and
+    is taken back: Redis must not go on sending that channel to this node, where
+    nobody wants it, for the rest of the link's life."""
+    url = url_of(private_redis)
+    admin = cluster.admin(url)
+    a, _ = await cluster.node(url, "a", socket_timeout=0.3)
+    pause = 1.5 * TIME_FACTOR
+    await command(admin, "CLIENT", "PAUSE", str(int(pause * 1000)), "ALL")
+    started = time.monotonic()
+    with pytest.raises(EngineError, match="SUBSCRIBE timed out"):
+        await a.subscribe("late")
+    await asyncio.sleep(pause - (time.monotonic() - started) + 0.2)
+    await a.subscribe("later")  # its reply comes after Redis has handled "late"
+    assert a.is_connected()
+    channels = await admin.pubsub_channels(f"{cluster.prefix}:c:*")
+    assert channels == [f"{cluster.prefix}:c:later".encode()]
+
+
 async def test_broker_started_while_redis_is_down_connects_later(
     cluster: Cluster, redis_url: str
 ) -> None:
