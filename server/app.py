@@ -48,8 +48,9 @@ def make_server(app: tornado.web.Application, config: Config) -> HTTPServer:
 
     A connection has ``client.connect_timeout`` to send its request headers
     (the WebSocket upgrade included), and an idle keep-alive connection is
-    closed after as long: Tornado's default of an hour let connections that
-    never finish their headers (slowloris) pile up until the process ran out
+    closed after as long; a request body has ``api.body_timeout``. Tornado's
+    defaults (an hour for headers, no bound on a body) let connections that
+    never finish their request (slowloris) pile up until the process ran out
     of file descriptors.
     """
     return _Server(
@@ -57,6 +58,7 @@ def make_server(app: tornado.web.Application, config: Config) -> HTTPServer:
         max_body_size=config.api.max_body_bytes,
         xheaders=config.server.trust_proxy_headers,
         idle_connection_timeout=config.client.connect_timeout,
+        body_timeout=config.api.body_timeout,
     )
 
 

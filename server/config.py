@@ -131,6 +131,7 @@ class ClientConfig:
 class ApiConfig:
     key: str = ""  # X-API-Key / "Authorization: apikey KEY"; empty disables the API; ASCII
     max_body_bytes: int = 1024 * 1024  # HTTP API request body
+    body_timeout: float = 60.0  # seconds a request body may take to arrive (slow senders)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -459,6 +460,7 @@ def _check(cfg: Config) -> None:
         "server.node_heartbeat_interval": cfg.server.node_heartbeat_interval,
         "server.node_expiry": cfg.server.node_expiry,
         "api.max_body_bytes": cfg.api.max_body_bytes,
+        "api.body_timeout": cfg.api.body_timeout,
     }
     require_positive(positive)
     if cfg.server.node_expiry <= cfg.server.node_heartbeat_interval:

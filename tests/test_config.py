@@ -68,6 +68,7 @@ def test_empty_file_gives_documented_defaults(tmp_path):
     assert cfg.client.allowed_origins == ()
     assert cfg.api.key == ""
     assert cfg.api.max_body_bytes == 1048576
+    assert cfg.api.body_timeout == 60.0
     assert cfg.redis.url == ""
     assert cfg.mongodb.url == ""
     assert cfg.mongodb.driver == "pymongo"
@@ -295,6 +296,7 @@ def test_config_is_immutable(tmp_path):
         ("server: {host: [a]}", "server.host"),
         ("api: {key: 12345}", "api.key"),
         ("api: {max_body_bytes: 0}", "api.max_body_bytes"),
+        ("api: {body_timeout: 0}", "api.body_timeout"),
         ("mongodb: {driver: mongoose}", "mongodb.driver"),
         ("token: {leeway: soon}", "token.leeway"),
         ("client: 5", "client"),

@@ -818,6 +818,32 @@ async def test_unfinished_request_headers_are_dropped_after_connect_timeout(squa
     await ok.still_works()
 
 
+async def test_a_request_body_trickled_too_slowly_is_dropped_after_body_timeout(squall):
+    """An API request whose body trickles in a byte at a time (a slow-body attack)
+    loses its connection after ``api.body_timeout`` instead of holding it forever."""
+    sq, ok = await server_and_bystander(squall, **{"api.body_timeout": 0.5})
+    reader, writer = await asyncio.open_connection("127.0.0.1", sq.port)
+    writer.write(
+        f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {API_KEY}\r\n"
+        "Content-Length: 100000\r\n\r\n".encode()
+    )
+
+    async def trickle() -> None:
+        for _ in range(100):
+            writer.write(b" ")
+            await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    started = time.monotonic()
+    try:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert time.monotonic() - started < 3
+    await ok.still_works()
+
+
 async def test_running_out_of_file_descriptors_pauses_accepting(procs):
     """With every descriptor taken (here by connections that never send their
     headers), accepting pauses with one warning rather than failing once per loop
