@@ -39,6 +39,7 @@ import jwt
 import orjson
 
 from server.config import TokenConfig
+from server.protocol.codec import compact
 
 MAX_CACHED_TOKEN: Final = 4096  # bytes; longer tokens are verified every time (memory bound)
 HMAC_ALG: Final = "HS256"
@@ -230,7 +231,7 @@ def _expiry(claims: Mapping[str, Any]) -> int:
 def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:
     if key not in claims:
         return None
-    return orjson.dumps(claims[key])
+    return compact(orjson.dumps(claims[key]))  # kept for the connection's life
 
 
 def make_token(

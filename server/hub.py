@@ -74,7 +74,7 @@ from server.errors import (
     StreamMissing,
 )
 from server.metrics import Metrics
-from server.protocol import encode_push, pub_to_dict
+from server.protocol import compact, encode_push, pub_to_dict
 from server.protocol.codec import info_to_dict
 from server.store import PersistOptions, Store
 from server.telemetry import TelemetryIngest
@@ -595,6 +595,7 @@ class Hub:
             ClientError: the engines refused (unavailable, store full: 1001;
                 too large to store: 107).
         """
+        data = compact(data)  # kept in history (orjson's output would hold 4 KiB each)
         if not opts.persist:
             return await self._publish(channel, data, opts, info, tags, idempotency_key)
         status = self.store.status()

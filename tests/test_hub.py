@@ -8,9 +8,13 @@ lost or repeated pub/sub message.
 from __future__ import annotations
 
 import asyncio
+import gc
+import tracemalloc
+from pathlib import Path
 
 import pytest
 
+import server
 from server import codes
 from server.broker import Publication
 from tests.helpers.logs import expect_log
@@ -347,3 +351,27 @@ async def test_presence_refresh_does_not_bring_back_a_client_that_left(
         while alice_refreshed <= refreshed:  # the next pass has begun: the held one is over
             await asyncio.sleep(0.01)
     assert set(await manager.presence("chat:pr")) == {ids["alice"]}
+
+
+async def test_small_publications_kept_in_history_hold_only_their_own_bytes(squall):
+    """A publication kept in history holds its few bytes, not the 4 KiB buffer
+    orjson wrote them into: 1 000 small publications kept (10 channels x 100)
+    add well under 1 KiB each to what Squall's code allocated."""
+    sq = await squall()
+    commands = [{"publish": {"channel": f"chat:m{i % 10}", "data": {"n": i}}} for i in range(1000)]
+    repo = Path(server.__file__).parent.parent
+    in_squall = [tracemalloc.Filter(True, str(repo / d / "*")) for d in ("server", "handlers")]
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.take_snapshot().filter_traces(in_squall)
+        reply = await sq.api("batch", {"commands": commands})
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(in_squall)
+    finally:
+        tracemalloc.stop()
+    assert [r["publish"]["offset"] for r in reply["replies"]][-10:] == [100] * 10
+    page = await sq.api("history", {"channel": "chat:m3", "limit": -1})
+    assert len(page["result"]["publications"]) == 100
+    kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert kept / 1000 < 1024, f"{kept / 1000:.0f} bytes kept per publication"

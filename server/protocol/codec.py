@@ -26,6 +26,18 @@ import orjson
 from server import codes
 from server.broker import ClientInfo, Publication
 
+
+def compact(data: bytes) -> bytes:
+    """``data`` copied into an allocation of its own size, for bytes that are kept.
+
+    ``orjson.dumps`` writes into a buffer of at least 4 KiB and hands that
+    allocation back whatever the output's length: every small JSON value kept
+    for long (a publication in history, a token's ``info`` for a connection's
+    life) held about 4 KiB of memory (100 000 ten-byte values: 400 MB).
+    """
+    return bytes(memoryview(data))
+
+
 METHODS: Final = (
     "connect",
     "subscribe",

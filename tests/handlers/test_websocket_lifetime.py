@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import tracemalloc
 from typing import Any
 
 import tornado.http1connection
 import tornado.websocket
 
 import handlers.websocket
+import server.auth
 from server import codes
 from tests.handlers.test_bad_input import server_and_bystander
 from tests.helpers.logs import expect_log
-from tests.helpers.server import RawClient, RunningSquall
+from tests.helpers.server import RawClient, RunningSquall, token
 
 
 def http_leftovers() -> tuple[int, int]:
@@ -116,3 +118,26 @@ async def test_a_failing_reader_ends_only_its_connection(squall, monkeypatch):
             await asyncio.sleep(0.02)
     assert len(sq.hub.clients) == 1
     await ok.still_works()
+
+
+async def test_a_token_info_claim_costs_a_connection_only_its_own_bytes(squall):
+    """The ``info`` claim a connection keeps for its life (shown in presence, join
+    and publications) holds its few bytes of JSON, not the 4 KiB buffer orjson
+    wrote them into (that was a third more memory per idle connection)."""
+    sq = await squall()
+    in_auth = [tracemalloc.Filter(True, server.auth.__file__)]
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.take_snapshot().filter_traces(in_auth)
+        for i in range(100):
+            info = {"name": f"user {i}"}
+            await sq.raw(connect=True, sub=f"u{i}", token=token(f"u{i}", extra={"info": info}))
+        gc.collect()
+        after = tracemalloc.take_snapshot().filter_traces(in_auth)
+    finally:
+        tracemalloc.stop()
+    assert len(sq.hub.clients) == 100
+    assert sq.hub.clients[next(iter(sq.hub.clients))].info == b'{"name":"user 0"}'
+    kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    assert kept / 100 < 1024, f"{kept / 100:.0f} bytes kept per connection"
