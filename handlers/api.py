@@ -8,6 +8,7 @@ using the client error codes; malformed JSON is 400, unknown methods 404.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fnmatch
 import hmac
@@ -130,7 +131,11 @@ class Api:
         if data is _ABSENT:
             raise ClientError(codes.BAD_REQUEST, "data required")
         responses = []
-        for channel in channels:
+        for i, channel in enumerate(channels):
+            if i and i % BROADCAST_YIELD_EVERY == 0:
+                # A publish to the memory broker never waits: without a turn for the
+                # others here, a broadcast to 50 000 channels held the loop 0.6 s.
+                await asyncio.sleep(0)
             one = {**p, "channel": channel, "data": data, "b64data": None}
             responses.append(await self.call("publish", one))
         return {"responses": responses}
@@ -383,6 +388,7 @@ METHODS: dict[str, ApiMethod] = {
     )
 }
 MAX_BATCH = 1000
+BROADCAST_YIELD_EVERY = 100  # channels a broadcast publishes to before others get a turn
 
 
 @tornado.web.stream_request_body

@@ -24,7 +24,7 @@ import tornado.websocket
 from tests.handlers.test_protocol import chan, next_pub, subscribed
 from tests.helpers.logs import expect_log
 from tests.helpers.process import ProcessGroup
-from tests.helpers.server import API_KEY, SECRET, RawClient, RunningSquall, token
+from tests.helpers.server import API_KEY, SECRET, TIME_FACTOR, RawClient, RunningSquall, token
 
 WRONG_SECRET = "not-the-server-secret-0123456789-0123456789"
 
@@ -868,6 +868,27 @@ async def test_running_out_of_file_descriptors_pauses_accepting(procs):
     assert log.count("Too many open files") == 1, proc.log_tail()
     assert "accepting connections again" in log
     assert proc.error_lines() == []
+
+
+async def test_a_broadcast_to_many_channels_does_not_hold_the_loop(squall):
+    """A broadcast to 50 000 channels (the in-memory broker never makes a publish
+    wait) lets other connections in between its publishes: the loop never stalls
+    for long, and a bystander subscribed to one of the channels gets it."""
+    sq, ok = await server_and_bystander(squall)
+    loop = asyncio.get_running_loop()
+    channels = [f"c{i}" for i in range(50_000)] + [ok.channel]
+    broadcast = asyncio.ensure_future(sq.api("broadcast", {"channels": channels, "data": 1}))
+    stalls: list[float] = []
+    while not broadcast.done():
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        stalls.append(loop.time() - before - 0.01)
+    reply = broadcast.result()
+    assert len(reply["result"]["responses"]) == len(channels)
+    assert max(stalls) < 0.25 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
+    push = await ok.client.next_push()
+    assert push["push"]["pub"]["data"] == 1
+    await ok.still_works()
 
 
 async def test_api_history_since_another_epoch_gets_112(squall):
