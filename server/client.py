@@ -674,6 +674,12 @@ class Client:
             or claim_globs_match(self.claims, opts.subscribe_claim, Config.channel_name(channel))
         ):
             raise ClientError(codes.PERMISSION_DENIED)
+        if p.get("tf") is not None:
+            # A tags filter (the SDKs' tagsFilter / tags_filter) asks for fewer
+            # publications; Squall cannot filter, and ignoring it would hand the app
+            # every publication. Refused as Centrifugo refuses it in a namespace
+            # without allow_tags_filter.
+            raise _bad_request("publication tags filter is not supported")
         return await self._subscribe(channel, opts, p, chan_info, exp, server_side=False)
 
     async def _subscribe(

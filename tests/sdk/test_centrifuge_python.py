@@ -20,6 +20,7 @@ from centrifuge import (
     ClientDisconnectedError,
     ClientEventHandler,
     ClientState,
+    Filter,
     ReplyError,
     StreamPosition,
     Subscription,
@@ -648,6 +649,26 @@ async def test_channel_token_refresh_keeps_the_subscription_past_exp(squall, sdk
     assert ev.drain("unsubscribed") == []
     assert ev.drain("subscribing") == []
     assert ev.drain("error") == []
+
+
+async def test_tags_filter_is_refused_not_ignored(squall, sdk):
+    """A tags filter gets 107: Squall does not filter, and ignoring the filter would
+    hand the application the publications it asked not to get."""
+    sq = await squall()
+    client, _ = await sdk.connected(sq.ws_url)
+    events = SubEvents()
+    sub = client.new_subscription(
+        "chat:tags", events=events, tags_filter=Filter.eq("ticker", "BTC")
+    )
+    await sub.subscribe()
+    unsubscribed = await events.next("unsubscribed")
+    assert (unsubscribed.code, unsubscribed.reason) == (
+        107,
+        "publication tags filter is not supported",
+    )
+    assert sub.state is SubscriptionState.UNSUBSCRIBED
+    assert sq.hub.clients[client.client_id].subs == {}
+    assert events.drain("publication") == []
 
 
 async def test_server_side_subscription_from_token_channels_claim(squall, sdk):
