@@ -519,6 +519,7 @@ class Client:
         recover = wanted if isinstance(wanted, dict) else {}
         subs: dict[str, Any] = {}
         afters: list[Callable[[], None]] = []
+        recovered_bytes = 0
         for channel in creds.channels:
             opts = self._hub.config.channel_options(channel)
             if opts is None or channel in self.subs:
@@ -527,7 +528,13 @@ class Client:
             req = recover.get(channel)
             try:
                 reply, after = await self._subscribe(
-                    channel, opts, req if isinstance(req, dict) else {}, None, 0, server_side=True
+                    channel,
+                    opts,
+                    req if isinstance(req, dict) else {},
+                    None,
+                    0,
+                    server_side=True,
+                    reserved=recovered_bytes,
                 )
             except ClientError as exc:
                 if self.closed:
@@ -538,6 +545,8 @@ class Client:
                 return None
             subs[channel] = reply
             afters.append(after)
+            if "publications" in reply:  # a Fragment: dumps returns its bytes
+                recovered_bytes += len(orjson.dumps(reply["publications"]))
         if subs:
             result["subs"] = subs
         # Only now can pushes (server API: subscribe, message, ...) reach this
@@ -691,7 +700,10 @@ class Client:
         exp: int,
         *,
         server_side: bool,
+        reserved: int = 0,
     ) -> tuple[dict[str, Any], Callable[[], None]]:
+        """Subscribe; ``reserved``: bytes of recovered publications already in the reply
+        this one joins (a connect reply's earlier server-side subscriptions)."""
         recoverable = opts.recoverable and (
             server_side
             or opts.force_recovery
@@ -726,6 +738,16 @@ class Client:
                 if req.get("recover"):
                     since = _position(req)
                     pubs, position, recovered = await self._hub.recover(channel, opts, since)
+                    encoded = b""
+                    if pubs:
+                        encoded = orjson.dumps([pub_to_dict(pub) for pub in pubs])
+                        limit = self._hub.config.client.max_queue_bytes // 2
+                        if self._queued_bytes + reserved + len(encoded) > limit:
+                            # A reply over the outgoing queue's limit ends the connection
+                            # with 3008, and the SDK, resubscribing from the same position,
+                            # would never get back online. Half the queue: the live
+                            # publications that follow the reply need room too.
+                            pubs, recovered = [], False
                     if not recovered and _flags(req) & SUB_FLAG_REJECT_UNRECOVERED:
                         # The SDK asked for 112 instead of recovered=false: it reloads
                         # its state (get_state) and resubscribes from the new position.
@@ -733,7 +755,7 @@ class Client:
                     result["was_recovering"] = True
                     result["recovered"] = recovered
                     if pubs:
-                        result["publications"] = [pub_to_dict(pub) for pub in pubs]
+                        result["publications"] = orjson.Fragment(encoded)
                         # The position recovered from, as Centrifugo replies: the SDKs
                         # take it, then move it with each recovered publication the
                         # app handled. The stream's top would mark the publications

@@ -266,6 +266,34 @@ async def test_server_side_subscription_recovers_on_reconnect(squall):
     assert (sub["epoch"], sub["offset"]) == (epoch, 1)  # recovered from; the pubs move it
 
 
+async def test_server_side_recoveries_share_the_outgoing_queue(squall):
+    """Server-side channels recovered in one connect reply share half of
+    client.max_queue_bytes: the one that does not fit is recovered: false, rather than
+    a reply over the queue's limit ending the connection with 3008 at every reconnect."""
+    sq = await squall(**{"client.max_queue_bytes": 64 * 1024})
+    ch1, ch2 = "chat:" + chan(), "chat:" + chan()
+    tok = token("alice", extra={"channels": [ch1, ch2]})
+    first = await sq.raw()
+    subs = (await first.connect(token=tok))["connect"]["subs"]
+    first.close()
+    for ch in (ch1, ch2):
+        for n in range(5):  # 5 x 4 KB per channel: one fits in 32 KiB, both do not
+            await publish_api(sq, ch, {"n": n, "pad": "x" * 4000})
+    again = await sq.raw()
+    reply = await again.connect(
+        token=tok,
+        subs={ch: {"recover": True, "offset": 0, "epoch": subs[ch]["epoch"]} for ch in subs},
+    )
+    got = reply["connect"]["subs"]
+    assert got[ch1]["recovered"] is True
+    assert [p["offset"] for p in got[ch1]["publications"]] == [1, 2, 3, 4, 5]
+    assert got[ch2]["recovered"] is False
+    assert "publications" not in got[ch2]
+    assert got[ch2]["offset"] == 5
+    await publish_api(sq, ch2, "live")
+    assert (await next_pub(again))["pub"]["offset"] == 6  # still connected
+
+
 # ---------------------------------------------------------------------- subscribe / unsubscribe
 
 

@@ -354,6 +354,35 @@ async def test_recovery_after_dropped_connection_delivers_missed_once_in_order(s
     assert events.drain("disconnected") == []
 
 
+async def test_recovery_too_large_for_the_queue_is_recovered_false_not_a_reconnect_loop(
+    squall, sdk
+):
+    """Missed publications that would fill the outgoing queue come back as
+    ``recovered: false``: sent as a reply they ended the connection with 3008 (slow),
+    and the SDK, resubscribing from the same position, never got back online."""
+    sq = await squall(**{"client.max_queue_bytes": 64 * 1024})
+    client, events = await sdk.connected(sq.ws_url)
+    _, ev, _ = await subscribed(client, "chat:big-gap", recoverable=True)
+    events.hold_reconnect = asyncio.Event()
+    await api_ok(sq, "disconnect", {"user": "alice", "disconnect": {"code": 3011}})
+    assert (await events.next("connecting")).code == 3011
+    for n in range(20):  # 20 x 5 KB: more than the 64 KiB queue can take at once
+        await api_ok(
+            sq, "publish", {"channel": "chat:big-gap", "data": {"n": n, "pad": "x" * 5000}}
+        )
+    events.hold_reconnect.set()
+
+    await events.next("connected")
+    ctx = await ev.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, False)
+    assert ctx.stream_position.offset == 20  # resumes at the top
+    await api_ok(sq, "publish", {"channel": "chat:big-gap", "data": {"n": 20}})
+    assert (await ev.next("publication")).pub.offset == 21
+    assert ev.drain("publication") == []
+    assert events.drain("connecting") == []
+    assert client.state is ClientState.CONNECTED
+
+
 class FailsOnce(SubEvents):
     """Publication handler that raises once, on the first publication after ``arm()``."""
 
