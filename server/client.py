@@ -958,8 +958,20 @@ class Client:
         if position is not None and position.epoch and position.epoch != page.position.epoch:
             # Centrifugo's answer: an empty page would look like "nothing missed".
             raise ClientError(codes.UNRECOVERABLE_POSITION)
+        # A reply over the outgoing queue's limit would end the connection with 3008
+        # (an application loading history on every subscribe would never stay
+        # connected): the page is cut at half the queue, as Centrifugo cuts one at
+        # history_max_publication_limit, and the client pages on from its last offset.
+        budget = self._hub.config.client.max_queue_bytes // 2 - self._queued_bytes
+        pubs: list[orjson.Fragment] = []
+        for pub in page.publications:
+            encoded = orjson.dumps(pub_to_dict(pub))
+            budget -= len(encoded) + 1
+            if budget < 0 and pubs:  # at least one, so that paging goes on
+                break
+            pubs.append(orjson.Fragment(encoded))
         return {
-            "publications": [pub_to_dict(pub) for pub in page.publications],
+            "publications": pubs,
             "epoch": page.position.epoch,
             "offset": page.position.offset,
         }

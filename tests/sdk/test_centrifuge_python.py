@@ -284,6 +284,38 @@ async def test_history_with_limit_since_and_reverse(squall, sdk):
     assert (page.offset, page.epoch) == (5, epoch)
 
 
+async def test_history_page_too_large_for_the_queue_is_cut_and_pages_on(squall, sdk):
+    """A history reply that would fill the outgoing queue is cut to a shorter page the
+    client pages on from: whole, it ended the connection with 3008, and an application
+    loading history on every subscribe never stayed connected."""
+    sq = await squall(**{"client.max_queue_bytes": 64 * 1024})
+    client, events = await sdk.connected(sq.ws_url)
+    sub, _, _ = await subscribed(client, "chat:big-history")
+    epoch = ""
+    for n in range(1, 21):  # 20 x 5 KB: more than the 64 KiB queue can take at once
+        result = await api_ok(
+            sq, "publish", {"channel": "chat:big-history", "data": {"n": n, "pad": "x" * 5000}}
+        )
+        epoch = result["epoch"]
+
+    got: list[int] = []
+    pages = 0
+    while not got or got[-1] < 20:
+        since = StreamPosition(offset=got[-1], epoch=epoch) if got else None
+        page = await sub.history(limit=20, since=since)
+        assert 0 < len(page.publications) < 20
+        assert (page.offset, page.epoch) == (20, epoch)
+        got += [p.data["n"] for p in page.publications]
+        pages += 1
+    assert got == list(range(1, 21))
+    assert pages > 1
+
+    page = await sub.history(limit=20, reverse=True)
+    assert [p.offset for p in page.publications] == list(range(20, 20 - len(page.publications), -1))
+    assert events.drain("connecting") == []
+    assert client.state is ClientState.CONNECTED
+
+
 async def test_rpc_echo_returns_the_data(squall, sdk):
     """rpc("echo", data) returns the same data."""
     sq = await squall()
