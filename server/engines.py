@@ -54,7 +54,7 @@ def make_engines(config: Config, *, node_id: str) -> Engines:
         from server.store_mongo import MongoStore  # optional engine, imported on demand
         from server.telemetry_mongo import MongoTelemetryStore
 
-        store = MongoStore(config.mongodb)
+        store = MongoStore(config.mongodb, node=config.node_name)
         telemetry = MongoTelemetryStore(config.mongodb, config.telemetry)
         log.info(
             "store: mongodb %s database=%s driver=%s",

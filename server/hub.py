@@ -752,7 +752,7 @@ class Hub:
             self._restored.move_to_end(channel)
             return
         try:
-            latest = await self.store.latest(channel)
+            latest = await self.store.resume(channel)
             if latest is not None:
                 await self.broker.restore_position(channel, latest)
         except EngineError as exc:

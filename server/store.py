@@ -123,6 +123,12 @@ class Store(Protocol):
         """The highest offset in the epoch of the channel's last accepted publication
         (queued or written), or ``None`` if it has none. Raises ``EngineError``."""
 
+    async def resume(self, channel: str) -> StreamPosition | None:
+        """Where a restored stream continues: ``latest``, or past it when a process
+        was killed with publications it had handed offsets to still unwritten (those
+        offsets were delivered: giving them again would hide the new publications
+        from clients that saw the lost ones). Raises ``EngineError``."""
+
     async def remove(self, channel: str) -> None:
         """Delete a channel's publications, queued and stored. Raises ``EngineError``."""
 

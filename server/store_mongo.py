@@ -70,6 +70,21 @@ Shutdown
     by then) and lets it go on retrying, from ``retry_delay`` again, until
     ``shutdown_flush_timeout``.
 
+Crashes
+    A killed process loses its queue, and the offsets it handed out to those
+    publications were delivered: a new process that continued the stream from
+    the stored top would give them again to other publications, and a client
+    that saw a lost one would miss its namesake with ``recovered: true``. So
+    each node keeps a marker ``{_id: node, running, crashes}`` in
+    ``<collection>_writers``: ``start`` sets ``running`` and, when it finds it
+    still set (the previous process never closed), appends the time to
+    ``crashes``; ``close`` clears it once the queue is written. ``resume``
+    moves a channel's stored top past ``queue_size`` offsets (the most a
+    process can have handed out unwritten) for each crash after the
+    channel's last stored publication: such a stream continues after a gap,
+    and recovery across it answers ``recovered: false``. Markers are per node
+    name (``server.name``): nodes sharing a database need distinct names.
+
 FerretDB v1 (SQLite backend) pushes only ``_id`` equality down to SQLite:
 every other filter and sort runs over a full scan, so on FerretDB the
 indexes above enforce uniqueness but do not speed reads up. ``explain_read``
@@ -105,6 +120,8 @@ from server.store import PersistOptions, Store, StoreStatus, page_bounds
 log = logging.getLogger("squall.store.mongo")
 
 HISTORY_INDEX: Final = "channel_epoch_offset"
+WRITERS_SUFFIX: Final = "_writers"  # collection of the per-node markers (module docstring, Crashes)
+MAX_CRASHES: Final = 64  # crash times a marker keeps
 RECENT_INDEX: Final = "channel_recent"
 EXPIRE_INDEX: Final = "expire_at"
 DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
@@ -165,6 +182,7 @@ class _Client:
             self.client = AsyncMongoClient(cfg.url, **options)
         self.db: Any = self.client[cfg.database]
         self.coll: Any = self.db[cfg.collection]
+        self.writers: Any = self.db[cfg.collection + WRITERS_SUFFIX]
 
     async def close(self) -> None:
         if self.driver == "motor":
@@ -176,9 +194,11 @@ class _Client:
 class MongoStore:
     """Write-behind ``Store`` over MongoDB or FerretDB; see the module docstring."""
 
-    def __init__(self, cfg: MongoConfig) -> None:
+    def __init__(self, cfg: MongoConfig, *, node: str = "") -> None:
         check_mongo(cfg)
         self._cfg = cfg
+        self._node = node  # the marker's _id (module docstring, Crashes)
+        self._crashes: list[datetime] = []  # of every node on this database, as of start
         self._client: _Client | None = None
         self._queue: deque[_Pending] = deque()
         # channel -> {(epoch, offset): item}, in acceptance order (for merged reads)
@@ -217,6 +237,7 @@ class MongoStore:
         try:
             self._client = _Client(self._cfg)  # raises on a malformed URL
             await self._create_indexes(self._client.coll)
+            self._crashes = await self._register(self._client.writers)
         except Exception as exc:
             if self._client is not None:
                 await self._client.close()
@@ -259,6 +280,8 @@ class MongoStore:
                 len(self._queue),
                 self._avail.error or "shutdown flush timeout",
             )
+        elif self._started and self._client is not None:
+            await self._unregister(self._client.writers)
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -361,6 +384,26 @@ class MongoStore:
                 top = item.pub.offset
         return None if top is None else StreamPosition(top, epoch)
 
+    async def resume(self, channel: str) -> StreamPosition | None:
+        """``latest``, moved past the offsets crashed processes may have handed out unwritten.
+
+        ``queue_size`` offsets for each crash (module docstring, Crashes) after
+        the channel's last stored publication; none when this process has
+        queued some for it (then it has continued the stream already).
+        """
+        if not self._crashes or self._pending.get(channel):
+            return await self.latest(channel)
+        query, projection, sort = _recent_query(channel)
+        recent = await self._run(self._coll().find_one(query, projection, sort=sort))
+        if recent is None:
+            return None
+        epoch = str(recent["epoch"])
+        top = await self._db_top(channel, epoch)
+        if top is None:
+            return None
+        crashes = sum(1 for at in self._crashes if at > recent["created_at"])
+        return StreamPosition(top + crashes * self._cfg.queue_size, epoch)
+
     async def remove(self, channel: str) -> None:
         """Drop the channel's queued and stored publications.
 
@@ -440,6 +483,42 @@ class MongoStore:
             )
             await coll.create_index([("expire_at", 1)], name=EXPIRE_INDEX)
             self._ttl_index = False
+
+    async def _register(self, writers: Any) -> list[datetime]:
+        """Mark this node running; the crash times of every node's marker (docstring, Crashes)."""
+        now = datetime.now(UTC)
+        marker = await writers.find_one({"_id": self._node})
+        crashes = list(marker.get("crashes", [])) if marker is not None else []
+        if marker is not None and marker.get("running"):
+            crashes = [*crashes, now][-MAX_CRASHES:]
+            log.warning(
+                "mongo store: the previous process of node %r did not close (killed?); "
+                "publications it had queued are lost, and persistent streams restored "
+                "from the store continue %d offsets further on",
+                self._node,
+                self._cfg.queue_size,
+            )
+        await writers.update_one(
+            {"_id": self._node},
+            {"$set": {"running": True, "crashes": crashes, "started_at": now}},
+            upsert=True,
+        )
+        docs = await writers.find({}, {"_id": 0, "crashes": 1}).to_list(None)
+        return sorted(at for doc in docs for at in doc.get("crashes", []))
+
+    async def _unregister(self, writers: Any) -> None:
+        """Clear this node's ``running`` mark: every accepted publication was written."""
+        from pymongo.errors import PyMongoError
+
+        try:
+            await writers.update_one({"_id": self._node}, {"$set": {"running": False}})
+        except PyMongoError as exc:
+            log.warning(
+                "mongo store: could not mark node %r closed (the next start takes it for a "
+                "crash) error=%s",
+                self._node,
+                self._describe(exc),
+            )
 
     def _encode(self, channel: str, pub: Publication, opts: PersistOptions) -> _Pending:
         if not isinstance(pub.data, bytes):

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from centrifuge import ReplyError, StreamPosition
 
-from tests.cluster import Sdk, api, api_ok, subscribed, take
+from tests.cluster import Sdk, api, api_ok, subscribed, take, until
 from tests.e2e import raw_client, ready, store_overrides, stored
 from tests.helpers.process import ProcessGroup, close_checked
 
@@ -213,3 +213,70 @@ async def test_publication_too_large_to_store_is_refused_before_delivery(
     assert (refused.value.code, refused.value.temporary) == (107, False)
     history = await api_ok(proc, "history", {"channel": channel, "limit": -1})
     assert [p["data"] for p in history["publications"]] == [data(1)]
+
+
+async def test_a_killed_process_loses_its_queue_but_no_offset_is_given_twice(
+    procs: ProcessGroup, mongo_url: str, unique_prefix: str
+) -> None:
+    """SIGKILL with publications queued: the restarted node continues past the offsets it lost,
+    so a client that saw a lost one recovers with recovered false, never a silent gap."""
+    channel = "persist:killed"
+    queue_size = 50
+    # Three make a batch, written at once; the next two wait 30 s: queued at SIGKILL.
+    overrides = store_overrides(
+        mongo_url,
+        unique_prefix,
+        **{
+            "mongodb.flush_interval": 30.0,
+            "mongodb.batch_size": 3,
+            "mongodb.queue_size": queue_size,
+            "server.name": "node-a",  # the restarted process is the same node
+        },
+    )
+    first = procs(overrides=overrides)
+    first.start()
+    await first.wait_ready_async(path="/ready")
+    for n in (1, 2, 3):
+        await api_ok(first, "publish", {"channel": channel, "data": data(n)})
+
+    async def written() -> bool:
+        return (await ready(first))[1]["store"]["queue_depth"] == 0
+
+    await until(written, what="the first batch written")
+    epoch = ""
+    for n in (4, 5):  # delivered, acknowledged, still queued
+        result = await api_ok(first, "publish", {"channel": channel, "data": data(n)})
+        assert result["offset"] == n
+        epoch = result["epoch"]
+    first.kill()
+    assert [d["offset"] for d in await stored(mongo_url, unique_prefix, channel)] == [1, 2, 3]
+
+    second = procs(overrides=overrides)
+    second.start()
+    await second.wait_ready_async(path="/ready")
+    # Not 4 again: a client that got the lost 4 and 5 would take the new ones for them.
+    result = await api_ok(second, "publish", {"channel": channel, "data": data(6)})
+    assert (result["offset"], result["epoch"]) == (3 + queue_size + 1, epoch)
+    assert "did not close" in second.log_text()
+    history = await api_ok(second, "history", {"channel": channel, "limit": -1})
+    assert [p["data"] for p in history["publications"]] == [data(n) for n in (1, 2, 3, 6)]
+    raw = await raw_client(second, "raw")
+    try:
+        for seen in (5, 3):  # saw a lost one; saw none, but missed the lost ones
+            reply = await raw.command(
+                "subscribe", {"channel": channel, "recover": True, "offset": seen, "epoch": epoch}
+            )
+            assert reply["subscribe"].get("recovered") is False, reply
+            assert reply["subscribe"]["offset"] == 3 + queue_size + 1
+            await raw.command("unsubscribe", {"channel": channel})
+    finally:
+        raw.close()
+
+    # A graceful stop is no crash: the next process continues at the next offset.
+    assert await second.stop_async() == 0
+    third = procs(overrides=overrides)
+    third.start()
+    await third.wait_ready_async(path="/ready")
+    assert "did not close" not in third.log_text()
+    result = await api_ok(third, "publish", {"channel": channel, "data": data(7)})
+    assert result["offset"] == 3 + queue_size + 2

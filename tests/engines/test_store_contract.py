@@ -159,6 +159,9 @@ async def test_latest_is_the_last_accepted_position(store: Store) -> None:
     await written(store)
     assert await store.latest("lt") == StreamPosition(2, "e1")
     assert await store.latest("other") is None
+    # No process was killed: a restored stream continues right after the latest.
+    assert await store.resume("lt") == StreamPosition(2, "e1")
+    assert await store.resume("other") is None
 
 
 async def test_duplicate_append_is_stored_once(store: Store) -> None:

@@ -219,6 +219,34 @@ async def test_a_restarted_store_continues_after_the_highest_offset(
     assert await second.read_since("rs") == [pub(1), pub(2), pub(3)]
 
 
+async def test_resume_skips_the_offsets_a_killed_process_may_have_handed_out(
+    make_store: Factory,
+) -> None:
+    """A store started while the previous one of its node never closed (a killed process):
+    streams it restores continue queue_size offsets past their stored top for each crash since
+    their last stored publication; a clean close is no crash."""
+    first = make_store(queue_size=10)
+    await first.start()
+    await first.append("k", pub(1), KEEP)
+    await first.append("old", pub(5), KEEP)
+    await eventually(_drained(first), within=5.0)
+    # ``first`` stays open while the next store of its node starts: what SIGKILL leaves.
+    second = make_store(queue_size=10)
+    await second.start()
+    assert await second.latest("k") == StreamPosition(1, "e1")
+    assert await second.resume("k") == StreamPosition(11, "e1")
+    assert await second.resume("none") is None
+    await second.append("k", pub(12), KEEP)
+    assert await second.resume("k") == StreamPosition(12, "e1")  # queued after the crash
+    await eventually(_drained(second), within=5.0)
+    assert await second.resume("k") == StreamPosition(12, "e1")  # written after it
+    await second.close()
+    third = make_store(queue_size=10)
+    await third.start()
+    assert await third.resume("k") == StreamPosition(12, "e1")
+    assert await third.resume("old") == StreamPosition(15, "e1")  # untouched since the crash
+
+
 async def test_retention_pass_goes_on_when_remove_drops_a_channel_it_was_to_trim(
     make_store: Factory, mongo_url: str, unique_prefix: str
 ) -> None:
