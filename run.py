@@ -169,7 +169,12 @@ async def serve(config: Config) -> None:
     try:
         await asyncio.wait_for(hub.close(), max(0.5, deadline - time.monotonic()))
     except TimeoutError:
-        log.error("engines did not close before the shutdown deadline")
+        # The store's close, cut off here, would have said how many it could not write.
+        log.error(
+            "engines did not close before the shutdown deadline; %d accepted publications "
+            "not written to the durable store",
+            hub.store.status().queue_depth,
+        )
     log.info("stopped")
 
 

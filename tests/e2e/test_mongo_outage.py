@@ -149,3 +149,37 @@ async def test_outage_keeps_live_delivery_refuses_when_full_and_loses_nothing_ac
     assert [d["offset"] for d in docs] == list(range(1, len(acked) + 1))
     assert [orjson.loads(d["data"])["n"] for d in docs][:4] == acked[:4]
     assert "mongo store recovered after" in proc.log_text()
+
+
+async def test_shutdown_deadline_before_the_flush_says_how_many_were_not_written(
+    ferretdb: services.ServiceProcess, procs: ProcessGroup, unique_prefix: str
+) -> None:
+    """SIGTERM while the database is down, with server.shutdown_timeout shorter than
+    mongodb.shutdown_flush_timeout: the process exits at its deadline and logs at ERROR how
+    many acknowledged publications it could not write (README, Shutdown and crashes)."""
+    channel = "persist:deadline"
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    proc = procs(
+        overrides=store_overrides(
+            url,
+            unique_prefix,
+            **{"server.shutdown_timeout": 1.0, "mongodb.shutdown_flush_timeout": 30.0},
+        )
+    )
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    await api_ok(proc, "publish", {"channel": channel, "data": {"n": 0}})  # restored, written
+
+    async def written() -> bool:
+        return (await ready(proc))[1]["store"]["queue_depth"] == 0
+
+    await until(written, what="the first publication written")
+    ferretdb.kill()
+    for n in (1, 2, 3):
+        await api_ok(proc, "publish", {"channel": channel, "data": {"n": n}})
+    proc.terminate()
+    assert await proc.wait_async(10) == 0
+    procs.processes.remove(proc)  # its ERROR line is the behaviour under test
+    errors = proc.error_lines()
+    assert len(errors) == 1, errors
+    assert "3 accepted publications not written" in errors[0], errors
