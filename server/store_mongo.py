@@ -199,6 +199,9 @@ class MongoStore:
         self._cfg = cfg
         self._node = node  # the marker's _id (module docstring, Crashes)
         self._crashes: list[datetime] = []  # of every node on this database, as of start
+        # Set by an outage: the server may come back without this store's indexes and
+        # marker (wiped, or a new one), so the next batch or ping creates them again.
+        self._recreate = False
         self._client: _Client | None = None
         self._queue: deque[_Pending] = deque()
         # channel -> {(epoch, offset): item}, in acceptance order (for merged reads)
@@ -637,6 +640,8 @@ class MongoStore:
             batch = list(itertools.islice(self._queue, self._cfg.batch_size))
             if not batch:
                 return
+            if self._recreate:
+                await self._recreate_after_outage()
             started = time.monotonic()
             try:
                 await self._coll().insert_many([p.doc for p in batch], ordered=False)
@@ -663,6 +668,33 @@ class MongoStore:
         self._note_batch(len(batch), latency)
         self._mark_up()
 
+    async def _recreate_after_outage(self) -> None:
+        """Indexes and the running marker again: after an outage, before the first write
+        (or ping), and when a ping finds the marker gone.
+
+        Both are idempotent. Without the unique index a retried batch could be
+        stored twice (and the next start could not create the index); without
+        the marker a crash would go unnoticed. A refusal other than the server
+        being unreachable is logged, not retried: it must not stall the writes.
+        """
+        from pymongo.errors import ConnectionFailure, PyMongoError
+
+        if self._client is None:
+            return
+        try:
+            await self._create_indexes(self._client.coll)
+            await self._client.writers.update_one(
+                {"_id": self._node}, {"$set": {"running": True}}, upsert=True
+            )
+        except ConnectionFailure:
+            raise  # still unreachable: the flusher retries
+        except PyMongoError as exc:
+            log.warning(
+                "mongo store: indexes or marker not recreated after an outage error=%s",
+                self._describe(exc),
+            )
+        self._recreate = False
+
     def _reject(self, batch: list[_Pending], errors: list[dict[str, Any]]) -> None:
         for err in errors:
             if err.get("code") in DUPLICATE_KEY_CODES:
@@ -684,7 +716,12 @@ class MongoStore:
         if self._client is None:
             return
         try:
-            await self._client.db.command("ping")
+            # This node's marker (an _id lookup, cheap on FerretDB too) rather than the
+            # ping command: the server answers, and still holds this store's data. A
+            # server back without it (wiped, or a new one) gets indexes and marker again.
+            marker = await self._client.writers.find_one({"_id": self._node}, {"_id": 1})
+            if marker is None or self._recreate:
+                await self._recreate_after_outage()
         except asyncio.CancelledError:
             raise
         except PyMongoError as exc:
@@ -693,6 +730,7 @@ class MongoStore:
             self._mark_up()
 
     def _mark_down(self, exc: BaseException) -> None:
+        self._recreate = True
         self._avail.down(self._describe(exc), len(self._queue))
 
     def _mark_up(self) -> None:

@@ -9,12 +9,14 @@ read with PyMongo directly and compared with what the publisher was told.
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from pymongo import AsyncMongoClient
 
 from tests.cluster import Sdk, api, api_ok, subscribed, take, until
 from tests.e2e import ready, store_overrides, stored
@@ -183,3 +185,67 @@ async def test_shutdown_deadline_before_the_flush_says_how_many_were_not_written
     errors = proc.error_lines()
     assert len(errors) == 1, errors
     assert "3 accepted publications not written" in errors[0], errors
+
+
+async def test_database_back_without_its_data_gets_indexes_and_crash_marker_again(
+    ferretdb: services.ServiceProcess, procs: ProcessGroup, unique_prefix: str
+) -> None:
+    """FerretDB restarted with its data wiped under a running Squall: the writes after it
+    create the unique index and the node's marker again, so a later SIGKILL is still noticed
+    and its lost offsets are not given again."""
+    channel = "persist:wiped"
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    # Two make a batch, written at once; a single one waits 30 s: queued at SIGKILL.
+    overrides = store_overrides(
+        url,
+        unique_prefix,
+        **{
+            "mongodb.flush_interval": 30.0,
+            "mongodb.batch_size": 2,
+            "mongodb.queue_size": QUEUE_SIZE,
+            "server.name": "node-w",
+        },
+    )
+    first = procs(overrides=overrides)
+    first.start()
+    await first.wait_ready_async(path="/ready")
+
+    async def drained() -> bool:
+        code, body = await ready(first)
+        return code == 200 and body["store"]["queue_depth"] == 0
+
+    for n in (1, 2):
+        await api_ok(first, "publish", {"channel": channel, "data": {"n": n}})
+    await until(drained, what="the first batch written")
+
+    ferretdb.kill()
+    shutil.rmtree(ferretdb.workdir / "data")
+    (ferretdb.workdir / "data").mkdir()
+    ferretdb.start()
+    for n in (3, 4):
+        assert (await api_ok(first, "publish", {"channel": channel, "data": {"n": n}}))[
+            "offset"
+        ] == n
+    await until(drained, within=20, what="the batch written to the empty database")
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url)
+    db = client[unique_prefix]
+
+    async def recreated() -> bool:
+        indexes = await db["publications"].index_information()
+        marker = await db["publications_writers"].find_one({"_id": "node-w"})
+        unique = indexes.get("channel_epoch_offset", {}).get("unique") is True
+        return unique and marker is not None and marker["running"] is True
+
+    try:
+        await until(recreated, what="the unique index and the marker created again")
+    finally:
+        await client.close()
+
+    result = await api_ok(first, "publish", {"channel": channel, "data": {"n": 5}})  # queued
+    assert result["offset"] == 5
+    first.kill()
+    second = procs(overrides=overrides)
+    second.start()
+    await second.wait_ready_async(path="/ready")
+    result = await api_ok(second, "publish", {"channel": channel, "data": {"n": 6}})
+    assert result["offset"] == 4 + QUEUE_SIZE + 1  # not 5: the lost one had it
