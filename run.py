@@ -161,6 +161,12 @@ async def serve(config: Config) -> None:
     except TimeoutError:
         log.warning("%d clients still connected at the shutdown deadline", len(hub.clients))
     try:
+        # A server API request being answered (a publish perhaps already delivered)
+        # gets its reply before its connection is closed.
+        await asyncio.wait_for(hub.wait_api_idle(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        log.warning("%d server API requests unanswered at the shutdown deadline", hub.api_requests)
+    try:
         await asyncio.wait_for(
             server.close_all_connections(), max(0.1, deadline - time.monotonic())
         )

@@ -453,13 +453,21 @@ class ApiHandler(BoundedBody):
             await self._reply(400, {"error": codes.BAD_REQUEST.to_dict("invalid JSON")})
             return
         if method == "batch":
-            await self._reply(200, await self._batch(params))
+            await self._answer(self._batch(params))
             return
         if method not in METHODS:
             log.info("api unknown method %r", method)
             await self._reply(404, {"error": codes.METHOD_NOT_FOUND.to_dict()})
             return
-        await self._reply(200, await self.api.call(method, params))
+        await self._answer(self.api.call(method, params))
+
+    async def _answer(self, call: Awaitable[dict[str, Any]]) -> None:
+        """Run ``call``, reply 200; a graceful shutdown waits for both (``Hub.wait_api_idle``)."""
+        self.hub.api_request_started()
+        try:
+            await self._reply(200, await call)
+        finally:
+            self.hub.api_request_done()
 
     async def _batch(self, params: Any) -> dict[str, Any]:
         commands = params.get("commands") if isinstance(params, dict) else None

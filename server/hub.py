@@ -163,6 +163,11 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed: asyncio.Future[None] | None = None  # see _subscribed_future
         self._drained = asyncio.Event()
+        # Server API requests being answered: a graceful shutdown lets them finish
+        # before it closes their connections (a publish may already be delivered).
+        self.api_requests = 0
+        self._api_idle = asyncio.Event()
+        self._api_idle.set()
         self._local_only_logged_at = -LOCAL_ONLY_LOG_INTERVAL  # see publish()
         self._store_reserved = 0  # persistent publishes past the queue check, not yet appended
         self._register_builtin_rpc()
@@ -1001,6 +1006,19 @@ class Hub:
         """Close every connection, connected or still connecting, with ``d``."""
         for client in [*self.clients.values(), *self.connecting]:
             client.disconnect(d)
+
+    def api_request_started(self) -> None:
+        self.api_requests += 1
+        self._api_idle.clear()
+
+    def api_request_done(self) -> None:
+        self.api_requests -= 1
+        if not self.api_requests:
+            self._api_idle.set()
+
+    async def wait_api_idle(self) -> None:
+        """Wait until no server API request is being answered (callers bound the wait)."""
+        await self._api_idle.wait()
 
     async def wait_drained(self) -> None:
         """Wait until every client has gone after shutdown began (callers bound the wait)."""

@@ -10,6 +10,8 @@ with PyMongo directly.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from centrifuge import ReplyError, StreamPosition
 
 from tests.cluster import Sdk, api, api_ok, subscribed, take, until
 from tests.e2e import raw_client, ready, store_overrides, stored
+from tests.helpers import services
 from tests.helpers.process import ProcessGroup, close_checked
+from tests.helpers.server import TIME_FACTOR
 
 HISTORY_SIZE = 5  # the test config's persist namespace keeps this many in the broker
 
@@ -280,3 +284,43 @@ async def test_a_killed_process_loses_its_queue_but_no_offset_is_given_twice(
     assert "did not close" not in third.log_text()
     result = await api_ok(third, "publish", {"channel": channel, "data": data(7)})
     assert result["offset"] == 3 + queue_size + 2
+
+
+async def test_graceful_shutdown_answers_a_publish_in_flight(
+    procs: ProcessGroup, mongo_url: str, unique_prefix: str
+) -> None:
+    """SIGTERM while a server API publish waits on Redis: the publisher gets its reply before
+    the connection is closed (the publication is delivered and stored either way)."""
+    channel = "persist:inflight"
+    try:
+        redis = services.start_redis()
+    except RuntimeError as exc:
+        services.unavailable(str(exc))
+    assert redis.proc is not None
+    try:
+        overrides = store_overrides(mongo_url, unique_prefix)
+        overrides["redis.url"] = f"redis://127.0.0.1:{redis.port}/0"
+        overrides["redis.socket_timeout"] = 5.0  # the publish waits for Redis, not failing
+        proc = procs(overrides=overrides)
+        proc.start()
+        await proc.wait_ready_async(path="/ready")
+        assert (await api_ok(proc, "publish", {"channel": channel, "data": data(1)}))["offset"] == 1
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        pending = asyncio.ensure_future(api(proc, "publish", {"channel": channel, "data": data(2)}))
+        await asyncio.sleep(0.3 * TIME_FACTOR)  # the request reaches Squall; nothing reports it
+        proc.terminate()
+
+        async def shutting_down() -> bool:
+            return "shutting down" in proc.log_text()
+
+        await until(shutting_down, what="the shutdown begun")
+        await asyncio.sleep(0.3 * TIME_FACTOR)  # connections would be closed by now
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        reply = await pending
+        assert reply.get("result", {}).get("offset") == 2, reply
+        assert await proc.wait_async(10) == 0
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+        redis.stop()
+    docs = await stored(mongo_url, unique_prefix, channel)
+    assert [d["offset"] for d in docs] == [1, 2]
