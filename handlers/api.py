@@ -21,6 +21,7 @@ import orjson
 import tornado.web
 
 from handlers.body import BoundedBody
+from handlers.reply import finish_reply
 from server import codes
 from server.broker import StreamPosition
 from server.errors import ClientError
@@ -421,7 +422,7 @@ class ApiHandler(BoundedBody):
     async def _reply(self, status: int, body: Any) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        await self.finish(orjson.dumps(body))
+        await finish_reply(self, orjson.dumps(body))
 
     async def prepare(self) -> None:
         if not self._authorized():

@@ -8,6 +8,7 @@ from typing import Any, Final
 import orjson
 import tornado.web
 
+from handlers.reply import finish_reply
 from server.errors import EngineError
 from server.hub import Hub
 from server.store import StoreStatus
@@ -21,7 +22,7 @@ class HealthHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         self.set_header("Content-Type", "application/json")
-        await self.finish(orjson.dumps({"status": "ok", "node": self.hub.node.name}))
+        await finish_reply(self, orjson.dumps({"status": "ok", "node": self.hub.node.name}))
 
 
 class ReadyHandler(tornado.web.RequestHandler):
@@ -44,7 +45,8 @@ class ReadyHandler(tornado.web.RequestHandler):
         )
         self.set_status(200 if ready else 503)
         self.set_header("Content-Type", "application/json")
-        await self.finish(
+        await finish_reply(
+            self,
             orjson.dumps(
                 {
                     "ready": ready,
@@ -53,7 +55,7 @@ class ReadyHandler(tornado.web.RequestHandler):
                     "telemetry": telemetry,
                     "shutting_down": self.hub.closing,
                 }
-            )
+            ),
         )
 
 
@@ -74,4 +76,4 @@ class MetricsHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        await self.finish(self.hub.metrics.render())
+        await finish_reply(self, self.hub.metrics.render())

@@ -44,6 +44,7 @@ import orjson
 import tornado.web
 
 from handlers.body import BoundedBody
+from handlers.reply import finish_reply
 from server import codes
 from server.auth import Credentials, TokenError, TokenVerifier, claim_globs_match
 from server.broker import ClientInfo
@@ -104,7 +105,7 @@ class TelemetryHandler(tornado.web.RequestHandler):
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
         self.set_header("Cache-Control", "no-store")
-        await self.finish(orjson.dumps(body))
+        await finish_reply(self, orjson.dumps(body))
 
     async def refuse(self, exc: Refused | ClientError, **extra: Any) -> None:
         code = exc.error.code

@@ -22,7 +22,7 @@ import tornado.httpclient
 import tornado.websocket
 
 from tests.handlers.test_protocol import chan, next_pub, subscribed
-from tests.helpers.logs import expect_log
+from tests.helpers.logs import expect_log, seen
 from tests.helpers.process import ProcessGroup
 from tests.helpers.server import API_KEY, SECRET, TIME_FACTOR, RawClient, RunningSquall, token
 
@@ -841,6 +841,42 @@ async def test_a_request_body_trickled_too_slowly_is_dropped_after_body_timeout(
         trickling.cancel()
         writer.close()
     assert time.monotonic() - started < 3
+    await ok.still_works()
+
+
+async def test_an_api_client_gone_before_its_reply_is_one_info_line(squall):
+    """A publisher that closes its connection while its request is being answered
+    (it timed out, say) costs one INFO line, not an ERROR traceback, and the
+    publication it asked for is still made."""
+    sq, ok = await server_and_bystander(squall)
+    hub = sq.hub
+    publish = hub.publish
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_publish(*args: Any, **kw: Any) -> Any:
+        entered.set()
+        await release.wait()  # a slow broker while the client gives up
+        return await publish(*args, **kw)
+
+    hub.publish = slow_publish  # type: ignore[method-assign]
+    body = b'{"channel": "lobby", "data": {"late": true}}'
+    _, writer = await asyncio.open_connection("127.0.0.1", sq.port)
+    writer.write(
+        f"POST /api/publish HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {API_KEY}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with expect_log("squall.http", r"client went away before its reply status=200"):
+        await asyncio.wait_for(entered.wait(), 5)
+        writer.close()
+        await writer.wait_closed()
+        release.set()
+        push = await ok.client.next_push()  # the publication was made all the same
+        assert push["push"]["pub"]["data"] == {"late": True}, push
+        async with asyncio.timeout(5):  # polling the log, with a deadline
+            while not seen("squall.http", "client went away"):
+                await asyncio.sleep(0.01)
+    hub.publish = publish  # type: ignore[method-assign]
     await ok.still_works()
 
 
