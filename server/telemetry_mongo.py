@@ -23,7 +23,8 @@ Documents
 
         {_id: "<device>/<bucket start ms>", device: str, start: int64, end: int64,
          n: int,                                   # points in the bucket
-         s: {<metric key>: {min: double, max: double, sum: double, n: int}}}
+         s: {<metric key>: {min: double, max: double, sum: double, n: int,
+                            p: [double, ...]}}}   # doubles adding up to the exact sum
 
     Collection ``telemetry.devices_collection``::
 
@@ -131,6 +132,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -162,8 +164,10 @@ from server.telemetry_store import (
     bucket_range,
     bucket_start,
     device_metric_limit,
+    exact_sum,
     keep_newest,
     retention_cutoff,
+    sum_parts,
 )
 
 log = logging.getLogger("squall.telemetry.mongo")
@@ -527,7 +531,9 @@ class MongoTelemetryStore:
                 continue
             s = (doc.get("s") or {}).get(key)
             if s is not None:  # else: sealed without this metric
-                stats = MetricStats(float(s["min"]), float(s["max"]), float(s["sum"]), int(s["n"]))
+                stats = _summary_stats(s)
+                if stats is None:
+                    continue  # read from its points
                 ds.add_stats(b, stats)
             summarized.append(b)
         # Every stretch of [start, end) not covered by a summary is read point by point.
@@ -1075,7 +1081,13 @@ class MongoTelemetryStore:
             "end": b + self._bucket_ms,
             "n": n,
             "s": {
-                key: {"min": s.min, "max": s.max, "sum": s.sum, "n": s.count}
+                key: {
+                    "min": s.min,
+                    "max": s.max,
+                    "sum": s.sum,
+                    "p": sum_parts(s.exact),
+                    "n": s.count,
+                }
                 for key, s in stats.items()
             },
         }
@@ -1141,6 +1153,21 @@ def _is_timeout(exc: BaseException) -> bool:
 
     # The flusher's writes raise driver errors as they are (no _run mapping).
     return isinstance(exc, NetworkTimeout | ExecutionTimeout | WTimeoutError)
+
+
+def _summary_stats(s: Mapping[str, Any]) -> MetricStats | None:
+    """One metric's stats from a bucket summary; ``None`` when its sum is not usable.
+
+    ``p`` holds the exact sum (``sum`` is rounded). A summary written before
+    ``p`` existed has only ``sum``: taken as it is, unless it overflowed.
+    """
+    parts = s.get("p")
+    if parts is None:
+        parts = [s["sum"]]
+    if not all(math.isfinite(part) for part in parts):
+        return None
+    exact = sum(exact_sum(float(part)) for part in parts)
+    return MetricStats(float(s["min"]), float(s["max"]), exact, int(s["n"]))
 
 
 def _stored_last(doc: Mapping[str, Any]) -> dict[str, tuple[int, float]]:

@@ -66,7 +66,9 @@ Times are integer milliseconds since the Unix epoch throughout.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -108,30 +110,95 @@ class StepStats:
 
 @dataclass(slots=True)
 class MetricStats:
-    """Running summary of one metric in one bucket (or one step)."""
+    """Running summary of one metric in one bucket (or one step).
+
+    The sum is kept exactly (``exact_sum``): float addition rounds at every
+    step and its result depends on the order of the values, so the memory
+    store (arrival order), a Mongo bucket read from its chunks, its summary,
+    or points still queued would give averages differing in the last digits,
+    and a sum past the float range (two points of 1e308) made ``avg`` inf.
+    """
 
     min: float
     max: float
-    sum: float
+    exact: int  # the sum of the values, exactly, in units of 2**-SUM_SHIFT
     count: int
 
     @classmethod
     def of(cls, value: float) -> MetricStats:
-        return cls(value, value, value, 1)
+        return cls(value, value, exact_sum(value), 1)
 
     def add(self, value: float) -> None:
         if value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
-        self.sum += value
+        self.exact += exact_sum(value)
         self.count += 1
 
     def merge(self, other: MetricStats) -> None:
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
-        self.sum += other.sum
+        self.exact += other.exact
         self.count += other.count
+
+    @property
+    def sum(self) -> float:
+        """The sum rounded to a float, the largest finite one past the float range
+        (FerretDB refuses to store infinities)."""
+        try:
+            return self.exact / SUM_SCALE
+        except OverflowError:
+            return sys.float_info.max if self.exact > 0 else -sys.float_info.max
+
+    @property
+    def avg(self) -> float:
+        """The mean, rounded once: the same whatever the order the values came in."""
+        return self.exact / (self.count << SUM_SHIFT)
+
+
+# Every finite float is a whole number of 2**-1074 (the smallest subnormal), so
+# a sum of floats is exactly an int in these units; int / int rounds correctly.
+SUM_SHIFT: Final = 1074
+SUM_SCALE: Final = 1 << SUM_SHIFT
+
+
+def exact_sum(value: float) -> int:
+    """A finite float as a whole number of 2**-SUM_SHIFT (see ``MetricStats``)."""
+    num, den = value.as_integer_ratio()  # den is a power of two, at most 2**1074
+    return num << (SUM_SHIFT + 1 - den.bit_length())
+
+
+def exact_total(values: list[float]) -> int:
+    """``sum(map(exact_sum, values))``, mostly at C speed.
+
+    ``math.fsum`` adds exactly and rounds only its result; adding back the
+    negated result gives the rounding error, and so on until nothing is left
+    (two or three rounds). A sum past the float range takes the slow way.
+    """
+    total = 0
+    negated: list[float] = []
+    try:
+        while part := math.fsum(itertools.chain(values, negated)):
+            total += exact_sum(part)
+            negated.append(-part)
+    except OverflowError:
+        return sum(map(exact_sum, values))
+    return total
+
+
+def sum_parts(exact: int) -> list[float]:
+    """Floats, largest first, whose sum is exactly ``exact`` (units of 2**-SUM_SHIFT):
+    how a sum is stored where only floats can be (a Mongo bucket summary)."""
+    parts: list[float] = []
+    while exact:
+        try:
+            part = exact / SUM_SCALE
+        except OverflowError:
+            part = sys.float_info.max if exact > 0 else -sys.float_info.max
+        parts.append(part)
+        exact -= exact_sum(part)
+    return parts
 
 
 class TelemetryStore(Protocol):
@@ -165,7 +232,9 @@ class TelemetryStore(Protocol):
         Steps are aligned to multiples of ``step`` since the epoch (the first
         and last may be partly outside the range; only points inside count).
         Only steps that contain points are returned, oldest first. ``min``,
-        ``max`` and ``avg`` are exact. Callers bound the number of steps.
+        ``max`` and ``avg`` are exact (``avg``: the exact mean rounded once, so
+        the same whatever the order the points came in or were read; see
+        ``MetricStats``). Callers bound the number of steps.
 
         Raises:
             EngineError: the server could not be read.
@@ -212,6 +281,17 @@ def step_count(start: int, end: int, step: int) -> int:
     return (end - 1) // step - start // step + 1
 
 
+class _Step:
+    """One step of a query: the summaries merged into it (``stats``, exact sum)
+    and the raw values added (summed once, by ``exact_total``, in ``result``)."""
+
+    __slots__ = ("stats", "values")
+
+    def __init__(self, stats: MetricStats) -> None:
+        self.stats = stats
+        self.values: list[float] = []
+
+
 class Downsampler:
     """Aggregates one metric into epoch-aligned steps, from bucket summaries or raw points.
 
@@ -219,7 +299,8 @@ class Downsampler:
     summary to ``add_stats``, else feed its points to ``add_value``; then
     ``result()``. A bucket counts as whole when it lies inside ``[start,
     end)`` and inside a single step, so its summary is exactly that step's
-    share.
+    share. Sums are exact (``MetricStats``), so the result does not depend on
+    the order of the calls nor on which buckets came as summaries.
     """
 
     __slots__ = ("_bucket_ms", "_end", "_start", "_step", "_steps")
@@ -229,7 +310,7 @@ class Downsampler:
         self._end = end
         self._step = step
         self._bucket_ms = bucket_ms
-        self._steps: dict[int, MetricStats] = {}
+        self._steps: dict[int, _Step] = {}
 
     def whole(self, bucket: int) -> bool:
         last = bucket + self._bucket_ms - 1
@@ -243,9 +324,9 @@ class Downsampler:
         k = bucket // self._step
         cur = self._steps.get(k)
         if cur is None:
-            self._steps[k] = MetricStats(stats.min, stats.max, stats.sum, stats.count)
+            self._steps[k] = _Step(MetricStats(stats.min, stats.max, stats.exact, stats.count))
         else:
-            cur.merge(stats)
+            cur.stats.merge(stats)
 
     def add_value(self, ts: int, value: float) -> None:
         if not self._start <= ts < self._end:
@@ -253,9 +334,14 @@ class Downsampler:
         k = ts // self._step
         cur = self._steps.get(k)
         if cur is None:
-            self._steps[k] = MetricStats.of(value)
-        else:
-            cur.add(value)
+            cur = self._steps[k] = _Step(MetricStats(value, value, 0, 0))
+        stats = cur.stats
+        if value < stats.min:
+            stats.min = value
+        if value > stats.max:
+            stats.max = value
+        stats.count += 1
+        cur.values.append(value)
 
     def add_points(self, points: Iterable[tuple[int, float]]) -> None:
         for ts, value in points:
@@ -264,8 +350,12 @@ class Downsampler:
     def result(self) -> list[StepStats]:
         out = []
         for k in sorted(self._steps):
-            s = self._steps[k]
-            out.append(StepStats(k * self._step, s.min, s.max, s.sum / s.count, s.count))
+            step = self._steps[k]
+            s = step.stats
+            if step.values:
+                s.exact += exact_total(step.values)
+                step.values = []
+            out.append(StepStats(k * self._step, s.min, s.max, s.avg, s.count))
         return out
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import random
 import time
+from fractions import Fraction
 
 import jwt
 import pytest
@@ -19,7 +21,16 @@ from server.telemetry import (
     validate_frame,
     validate_point,
 )
-from server.telemetry_store import Downsampler, MetricStats, Point, StepStats, step_count
+from server.telemetry_store import (
+    Downsampler,
+    MetricStats,
+    Point,
+    StepStats,
+    exact_sum,
+    exact_total,
+    step_count,
+    sum_parts,
+)
 from tests.helpers.process import run_cli
 from tests.helpers.server import BASE_CONFIG, SECRET
 
@@ -179,13 +190,54 @@ def test_downsampler_uses_whole_bucket_summaries_and_raw_points_at_the_edges():
     assert ds.whole(10)
     assert not ds.whole(30)  # ends after the range
     ds.add_points([(4, 100.0), (5, 1.0), (9, 3.0)])  # bucket 0: ts 4 is out of range
-    ds.add_stats(10, MetricStats(2.0, 6.0, 8.0, 2))
-    ds.add_stats(20, MetricStats(-1.0, 1.0, 0.0, 2))
+    ds.add_stats(10, MetricStats(2.0, 6.0, exact_sum(8.0), 2))
+    ds.add_stats(20, MetricStats(-1.0, 1.0, exact_sum(0.0), 2))
     ds.add_points([(30, 10.0), (35, 99.0)])  # ts 35 is out of range
     assert ds.result() == [
         StepStats(0, 1.0, 6.0, 3.0, 4),
         StepStats(20, -1.0, 10.0, 10.0 / 3, 3),
     ]
+
+
+def test_downsampler_avg_is_the_exact_mean_whatever_the_order_or_the_summaries():
+    """avg is the exact mean rounded once: the same for any order of the values and
+    whether a bucket comes as a summary or as points (float sums differed in the last
+    digits), and finite when the sum is past the float range (it was inf: JSON null)."""
+    rng = random.Random(5)
+    values = [round(rng.uniform(-50, 50), 1) for _ in range(300)] + [1e16, 0.3, -1e16]
+    want = float(sum(map(Fraction, values)) / len(values))
+    answers = set()
+    for _ in range(5):
+        rng.shuffle(values)
+        raw = Downsampler(start=0, end=1000, step=1000, bucket_ms=100)
+        raw.add_points((i, v) for i, v in enumerate(values))
+        summarized = Downsampler(start=0, end=1000, step=1000, bucket_ms=100)
+        for bucket in range(0, len(values), 100):
+            stats = MetricStats.of(values[bucket])
+            for v in values[bucket + 1 : bucket + 100]:
+                stats.add(v)
+            summarized.add_stats(bucket, stats)
+        for ds in (raw, summarized):
+            [step] = ds.result()
+            answers.add(step.avg)
+    assert answers == {want}
+    huge = Downsampler(start=0, end=10, step=10, bucket_ms=10)
+    huge.add_points([(0, 1.7e308), (1, 1.7e308), (2, -1.7e308), (3, 1.7e308)])
+    assert huge.result()[0].avg == float(Fraction(1.7e308) / 2)
+
+
+def test_exact_sums_survive_storage_as_float_parts():
+    """exact_total matches the slow exact sum, and sum_parts stores it losslessly."""
+    rng = random.Random(9)
+    for values in (
+        [rng.uniform(-1, 1) * 10 ** rng.randint(-300, 300) for _ in range(200)],
+        [0.1] * 10,
+        [1.7e308] * 3 + [5e-324],
+        [],
+    ):
+        exact = sum(map(exact_sum, values))
+        assert exact_total(values) == exact
+        assert sum(map(exact_sum, sum_parts(exact))) == exact
 
 
 def test_downsampler_bucket_straddling_a_step_is_not_whole():

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import time
 from collections.abc import Iterator
+from fractions import Fraction
 from typing import Any
 
 import pytest
@@ -36,6 +38,7 @@ from server.telemetry_store import (
     StepStats,
     TelemetryStore,
     device_metric_limit,
+    exact_sum,
 )
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config
@@ -72,13 +75,13 @@ async def written(store: TelemetryStore, *, within: float = 5.0) -> None:
 
 
 def expected(points: list[tuple[int, float]], start: int, end: int, step: int) -> list[StepStats]:
-    """Reference downsampling straight from the raw points."""
+    """Reference downsampling straight from the raw points (avg: the exact mean, rounded once)."""
     steps: dict[int, list[float]] = {}
     for ts, value in points:
         if start <= ts < end:
             steps.setdefault(ts // step * step, []).append(value)
     return [
-        StepStats(t, min(vs), max(vs), sum(vs) / len(vs), len(vs))
+        StepStats(t, min(vs), max(vs), float(sum(map(Fraction, vs)) / len(vs)), len(vs))
         for t, vs in sorted(steps.items())
     ]
 
@@ -92,14 +95,15 @@ def flat(stats: list[StepStats]) -> list[Any]:
 
 
 async def read_each_way(
-    store: TelemetryStore, query: tuple[Any, ...], want: list[StepStats]
+    store: TelemetryStore, query: tuple[Any, ...], want: list[StepStats], *, exactly: bool = False
 ) -> None:
     """The same answer while queued, once written, and once the buckets are sealed."""
-    assert flat(await store.query(*query)) == approx(want)
+    same = flat(want) if exactly else approx(want)
+    assert flat(await store.query(*query)) == same
     await written(store)
-    assert flat(await store.query(*query)) == approx(want)
+    assert flat(await store.query(*query)) == same
     await store.seal(T0 + MS_PER_DAY)  # every bucket of these tests is closed by then
-    assert flat(await store.query(*query)) == approx(want)
+    assert flat(await store.query(*query)) == same
 
 
 def series(n: int, *, every: int = 700, seed: int = 7) -> list[Point]:
@@ -144,6 +148,35 @@ async def test_points_added_in_several_frames_and_out_of_order_aggregate_togethe
     await read_each_way(
         tstore, ("dev-1", "hum", T0, T0 + 60_000, 5_000), expected(raw, T0, T0 + 60_000, 5_000)
     )
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "step"),
+    [
+        (T0, T0 + 30_000, 10_000),  # step = bucket: summaries once sealed
+        (T0, T0 + 30_000, 30_000),  # several summaries merged into one step
+        (T0 + 1_234, T0 + 29_000, 3_000),  # raw points
+    ],
+)
+async def test_avg_is_the_exact_mean_whatever_the_order_the_points_came_in(
+    tstore: TelemetryStore, start, end, step
+):
+    """avg is the exact mean rounded once, so every store answers alike to the last
+    digit, queued, written and sealed (float sums in arrival order, chunk order or from
+    summaries differed there), and a sum past the float range does not make it inf."""
+    rng = random.Random(11)
+    points = [
+        Point(T0 + i * 97, {"v": round(rng.uniform(-50, 50), 1), "big": 1.7e308})
+        for i in range(300)
+    ]
+    shuffled = points[:]
+    rng.shuffle(shuffled)
+    for i in range(0, len(shuffled), 13):
+        await tstore.add("dev-1", shuffled[i : i + 13], T0)
+    for metric in ("v", "big"):
+        raw = [(p.ts, p.values[metric]) for p in points]
+        want = expected(raw, start, end, step)
+        await read_each_way(tstore, ("dev-1", metric, start, end, step), want, exactly=True)
 
 
 async def test_retried_points_are_stored_once(tstore: TelemetryStore):
@@ -396,8 +429,8 @@ async def test_mongo_stores_points_in_chunks_and_counts_each_once(
             "end": T0 + BUCKET_MS,
             "n": 4,
             "s": {
-                "t:c": {"min": 0.0, "max": 3.0, "sum": 4.0, "n": 3},
-                "x": {"min": 7.0, "max": 8.0, "sum": 15.0, "n": 2},
+                "t:c": {"min": 0.0, "max": 3.0, "sum": 4.0, "p": [4.0], "n": 3},
+                "x": {"min": 7.0, "max": 8.0, "sum": 15.0, "p": [15.0], "n": 2},
             },
         },
         {
@@ -406,7 +439,7 @@ async def test_mongo_stores_points_in_chunks_and_counts_each_once(
             "start": T0 + BUCKET_MS,
             "end": T0 + 2 * BUCKET_MS,
             "n": 2,
-            "s": {"t:c": {"min": 4.0, "max": 5.0, "sum": 9.0, "n": 2}},
+            "s": {"t:c": {"min": 4.0, "max": 5.0, "sum": 9.0, "p": [9.0], "n": 2}},
         },
     ]
     [device] = await stored(mongo_url, unique_prefix, CFG.devices_collection)
@@ -441,6 +474,31 @@ async def test_mongo_points_arriving_after_sealing_reopen_the_bucket(
         assert await store.retain(T0 + 2 * MS_PER_DAY) == 1
         assert await stored(mongo_url, unique_prefix, CFG.collection) == []
         assert await stored(mongo_url, unique_prefix, CFG.points_collection) == []
+    finally:
+        await store.close()
+
+
+async def test_mongo_a_sum_past_the_float_range_is_sealed_and_read_back_exactly(
+    mongo_url, unique_prefix, mongo_kind
+):
+    """A bucket whose sum passes the float range is summarized like any other: its
+    summary used to hold sum: inf, which FerretDB refuses, so every sealing pass failed
+    there and no bucket after it was ever sealed."""
+    store = make_store(mongo_kind, mongo_url, unique_prefix)
+    await store.start()
+    try:
+        await store.add("big", [Point(T0, {"v": 1.7e308}), Point(T0 + 1, {"v": 1.7e308})], T0)
+        await store.add("small", [Point(T0 + 5, {"v": 0.1}), Point(T0 + 6, {"v": 0.2})], T0)
+        await written(store)
+        assert await store.seal(T0 + MS_PER_DAY) == 2
+        big, small = await stored(mongo_url, unique_prefix, CFG.collection)
+        assert big["s"]["v"]["sum"] == sys.float_info.max  # rounded, but finite
+        assert sum(map(exact_sum, big["s"]["v"]["p"])) == 2 * exact_sum(1.7e308)
+        assert small["s"]["v"]["p"] == [0.30000000000000004, -2.7755575615628914e-17]
+        [b] = await store.query("big", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+        assert (b.count, b.avg) == (2, 1.7e308)
+        [s] = await store.query("small", "v", T0, T0 + BUCKET_MS, BUCKET_MS)
+        assert (s.count, s.avg) == (2, float((Fraction(0.1) + Fraction(0.2)) / 2))
     finally:
         await store.close()
 
