@@ -23,7 +23,7 @@ claim ``"device": true``)
     ``{"device", "metric", "from", "to", "step", "points": [{"t", "min",
     "max", "avg", "count"}]}``: ``metric`` downsampled over ``[from, to)`` in
     steps aligned to multiples of ``step`` since the epoch; only steps with
-    points appear. Defaults: ``to`` now, ``from`` one hour before ``to``,
+    points appear. Defaults: ``to`` now, ``from`` one hour before ``to`` (not before 0),
     ``step`` about 1/300 of the range (at least one second). 400 for a bad
     parameter or more than ``telemetry.max_query_steps`` steps; 403 when the
     claim does not match the device.
@@ -255,7 +255,8 @@ class DeviceTelemetryHandler(TelemetryHandler):
         if not METRIC_NAME_RE.fullmatch(metric):
             raise Refused(codes.BAD_REQUEST, "metric: required, 1-64 of A-Z a-z 0-9 _ . -")
         end = self._int_arg("to", int(time.time() * 1000))
-        start = self._int_arg("from", end - DEFAULT_RANGE_MS)
+        # Not before the epoch: negative times are refused when a client sends them back.
+        start = self._int_arg("from", max(0, end - DEFAULT_RANGE_MS))
         if start >= end:
             raise Refused(codes.BAD_REQUEST, "from must be before to")
         step = self._int_arg("step", max(MIN_DEFAULT_STEP_MS, -(-(end - start) // DEFAULT_STEPS)))

@@ -475,6 +475,17 @@ async def test_query_defaults_cover_the_last_hour(squall):
     assert (body["device"], body["metric"], body["points"]) == ("d1", "v", [])
 
 
+async def test_query_default_from_is_never_negative(squall):
+    """With a "to" less than an hour after the epoch, the default "from" is 0: the reply
+    said from -3599000, a time the API itself refuses (400) when sent back."""
+    sq = await squall()
+    code, body = await query(sq, "d1", metric="v", to=1000)
+    assert code == 200, body
+    assert (body["from"], body["to"], body["step"]) == (0, 1000, 1000)
+    code, body = await query(sq, "d1", metric="v", from_=body["from"], to=body["to"])
+    assert code == 200, body
+
+
 async def test_device_ids_with_slashes_and_colons_are_addressable(squall):
     """A device id is URL-escaped in the path and comes back exactly."""
     sq = await squall()
