@@ -176,7 +176,9 @@ def validate_point(raw: Any, *, now: int, max_skew_ms: int, max_metrics: int) ->
         number = float(value)
         if not math.isfinite(number):
             return f"metric {name!r} is not finite"
-        out[name] = number
+        # -0.0 + 0.0 is 0.0: FerretDB stores -0.0 as 0.0, so every store and
+        # the live publication see the same value.
+        out[name] = number + 0.0
     return Point(ts, out)
 
 

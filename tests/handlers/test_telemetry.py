@@ -10,6 +10,7 @@ collection.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -576,6 +577,24 @@ async def test_ingest_to_storage_to_query_through_both_paths(squall, backend):
         "ws-dev": {"v": 119.0 % 7, "w": -119.0},
     }
     assert all(d["online"] for d in body["devices"])
+
+
+async def test_negative_zero_is_stored_and_delivered_as_zero_in_every_store(squall, backend):
+    """-0.0 comes back as 0.0 live, from queries and in last values: FerretDB stored it
+    as 0.0 while the memory store (and the live publication) kept -0.0."""
+    sq = await squall(**backend)
+    dash = await subscribed_dashboard(sq, "telemetry:z")
+    ts = base_ts()
+    code, body, _ = await post_points(sq, "z", {"ts": ts, "values": {"v": -0.0}})
+    assert (code, body["accepted"]) == (202, 1)
+    [live] = await next_points(dash)
+    await written(sq)
+    code, body = await query(sq, "z", metric="v", from_=ts, to=ts + 1, step=1)
+    [point] = body["points"]
+    code, devices, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token())
+    [device] = devices["devices"]
+    for value in (live["values"]["v"], point["min"], point["max"], device["last_values"]["v"]):
+        assert math.copysign(1.0, value) == 1.0
 
 
 async def test_server_api_publish_to_a_telemetry_channel_is_refused(squall):
