@@ -163,6 +163,10 @@ def _position(reply: Any) -> StreamPosition:
     return StreamPosition(int(reply[0]), reply[1].decode())
 
 
+class _NotSent(EngineError):
+    """A pub/sub command that timed out before it was written: Redis never saw it."""
+
+
 class RedisBroker:
     """Broker and presence over one shared Redis; see the module docstring."""
 
@@ -280,17 +284,18 @@ class RedisBroker:
         seq = self._intent[key] = self._seq
         try:
             await self._send_pubsub(b"SUBSCRIBE", key, wait=True)
-        except EngineError:
+        except EngineError as exc:
             if self._intent.get(key) == seq:  # no later subscribe/unsubscribe of this channel
                 del self._intent[key]
                 self._wanted.pop(key, None)
-                # The SUBSCRIBE may have gone out with only its reply late (Redis
-                # slow or paused): take it back, or Redis would send this channel
-                # here for the rest of the link's life with nobody to take it.
-                try:
-                    await self._send_pubsub(b"UNSUBSCRIBE", key, wait=False)
-                except EngineError:
-                    pass  # the link is down: the next one will not subscribe this channel
+                if not isinstance(exc, _NotSent):
+                    # The SUBSCRIBE may have gone out with only its reply late (Redis
+                    # slow or paused): take it back, or Redis would send this channel
+                    # here for the rest of the link's life with nobody to take it.
+                    try:
+                        await self._send_pubsub(b"UNSUBSCRIBE", key, wait=False)
+                    except EngineError:
+                        pass  # the link is down: the next one will not subscribe it
             raise
 
     async def unsubscribe(self, channel: str) -> None:
@@ -304,6 +309,7 @@ class RedisBroker:
 
     async def _send_pubsub(self, command: bytes, key: bytes, *, wait: bool) -> None:
         fut: asyncio.Future[None] | None = None
+        maybe_sent = False  # from the moment the write starts, Redis may see the command
         try:
             async with asyncio.timeout(self._op_timeout):
                 async with self._send_lock:  # FIFO: per-channel commands keep call order
@@ -313,11 +319,13 @@ class RedisBroker:
                     if wait:
                         fut = asyncio.get_running_loop().create_future()
                     self._pending.setdefault(key, deque()).append(fut)
+                    maybe_sent = True
                     await conn.send_command(command, key, check_health=False)
                 if fut is not None:
                     await fut
         except TimeoutError:
-            raise EngineError(f"redis {command.decode()} timed out") from None
+            error = EngineError if maybe_sent else _NotSent
+            raise error(f"redis {command.decode()} timed out") from None
         except RedisError as exc:
             raise EngineError(f"redis {command.decode()} failed: {exc}") from exc
 
