@@ -921,7 +921,9 @@ async def test_a_broadcast_to_many_channels_does_not_hold_the_loop(squall):
         stalls.append(loop.time() - before - 0.01)
     reply = broadcast.result()
     assert len(reply["result"]["responses"]) == len(channels)
-    assert max(stalls) < 0.25 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
+    # 0.65 s without the turns; a GC pass of this long-lived test process can
+    # take a tenth of a second on its own late in the suite.
+    assert max(stalls) < 0.4 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
     push = await ok.client.next_push()
     assert push["push"]["pub"]["data"] == 1
     await ok.still_works()

@@ -398,5 +398,7 @@ async def test_a_ping_flood_does_not_hold_the_loop(squall):
     if flooder.is_alive():  # blocked in a send the server no longer reads: stop it
         flooder.terminate()
         await asyncio.to_thread(flooder.join)
-    assert max(stalls) < 0.25 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
+    # Seconds without the per-frame turns; a GC pass of this long-lived test
+    # process can take a tenth of a second on its own late in the suite.
+    assert max(stalls) < 0.4 * TIME_FACTOR, f"the loop stalled for {max(stalls):.2f}s"
     await ok.still_works()
