@@ -505,6 +505,13 @@ def _check(cfg: Config) -> None:
         if opts.persist and not opts.history_enabled:
             # offsets come from the broker's history stream; without one nothing is stored
             raise ConfigError(f"{name}.persist: needs history_size and history_ttl set")
+        if opts.persist and 0 < opts.persist_ttl < opts.history_ttl:
+            # History reads the broker's window too, which keeps history_ttl seconds:
+            # it would return publications older than persist_ttl promises.
+            raise ConfigError(
+                f"{name}.persist_ttl: must be 0 (forever) or at least history_ttl "
+                f"({opts.history_ttl:g}s)"
+            )
     _check_telemetry(cfg.telemetry)
     tele_ns = cfg.namespaces.get(cfg.telemetry.namespace)
     if tele_ns is not None and not tele_ns.telemetry:

@@ -365,6 +365,10 @@ def test_invalid_namespace_name(tmp_path, name):
         ),
         ("{join_leave: true}", "namespaces.ns.join_leave"),
         ("{persist: true}", "namespaces.ns.persist"),
+        (
+            "{persist: true, history_size: 10, history_ttl: 300, persist_ttl: 60}",
+            "namespaces.ns.persist_ttl",
+        ),
         ("{history_size: -1, history_ttl: 1}", "namespaces.ns.history_size"),
         ("{presence: yes please}", "namespaces.ns.presence"),
     ],
