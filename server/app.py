@@ -90,16 +90,20 @@ def add_accept_handler(
     Returns the function that stops accepting.
     """
     io_loop = IOLoop.current()
-    state: dict[str, Any] = {"removed": False, "paused": None, "warned": False}
+    removed = False
+    warned = False  # the out-of-resources warning is out; cleared by the next accept
+    paused: object | None = None  # the timeout that resumes accepting
 
     def resume() -> None:
-        state["paused"] = None
-        if not state["removed"]:
+        nonlocal paused
+        paused = None
+        if not removed:
             io_loop.add_handler(sock, accept_handler, IOLoop.READ)
 
     def accept_handler(fd: Any, events: int) -> None:
+        nonlocal warned, paused
         for _ in range(ACCEPT_BATCH):
-            if state["removed"] or state["paused"] is not None:
+            if removed or paused is not None:
                 return
             try:
                 connection, address = sock.accept()
@@ -110,26 +114,27 @@ def add_accept_handler(
             except OSError as exc:
                 if exc.errno not in _OUT_OF_RESOURCES:
                     raise
-                if not state["warned"]:
-                    state["warned"] = True
+                if not warned:
+                    warned = True
                     log.warning(
                         "cannot accept connections (%s); pausing accept for %gs at a time",
                         exc.strerror,
                         ACCEPT_PAUSE,
                     )
                 io_loop.remove_handler(sock)
-                state["paused"] = io_loop.call_later(ACCEPT_PAUSE, resume)
+                paused = io_loop.call_later(ACCEPT_PAUSE, resume)
                 return
-            if state["warned"]:
-                state["warned"] = False
+            if warned:
+                warned = False
                 log.warning("accepting connections again")
             callback(connection, address)
 
     def remove_handler() -> None:
-        state["removed"] = True
-        if state["paused"] is not None:
-            io_loop.remove_timeout(state["paused"])
-            state["paused"] = None
+        nonlocal removed, paused
+        removed = True
+        if paused is not None:
+            io_loop.remove_timeout(paused)
+            paused = None
         else:
             io_loop.remove_handler(sock)
 

@@ -393,6 +393,15 @@ class Client:
         if not self._closed and not self._take_allowance():
             self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "websocket ping rate exceeded")
 
+    def _reply_room(self) -> int:
+        """Bytes a reply carrying publications (recovery, history) may take.
+
+        A reply over the outgoing queue's limit ends the connection with 3008; half
+        the queue, less what is queued already, leaves the live publications that
+        follow the reply room too.
+        """
+        return self._hub.config.client.max_queue_bytes // 2 - self._queued_bytes
+
     def _take_allowance(self) -> bool:
         rate = self._hub.config.client.command_rate
         if rate <= 0:
@@ -741,12 +750,9 @@ class Client:
                     encoded = b""
                     if pubs:
                         encoded = orjson.dumps([pub_to_dict(pub) for pub in pubs])
-                        limit = self._hub.config.client.max_queue_bytes // 2
-                        if self._queued_bytes + reserved + len(encoded) > limit:
-                            # A reply over the outgoing queue's limit ends the connection
-                            # with 3008, and the SDK, resubscribing from the same position,
-                            # would never get back online. Half the queue: the live
-                            # publications that follow the reply need room too.
+                        if len(encoded) > self._reply_room() - reserved:
+                            # The SDK, resubscribing from the same position after
+                            # the 3008, would never get back online.
                             pubs, recovered = [], False
                     if not recovered and _flags(req) & SUB_FLAG_REJECT_UNRECOVERED:
                         # The SDK asked for 112 instead of recovered=false: it reloads
@@ -958,11 +964,11 @@ class Client:
         if position is not None and position.epoch and position.epoch != page.position.epoch:
             # Centrifugo's answer: an empty page would look like "nothing missed".
             raise ClientError(codes.UNRECOVERABLE_POSITION)
-        # A reply over the outgoing queue's limit would end the connection with 3008
-        # (an application loading history on every subscribe would never stay
-        # connected): the page is cut at half the queue, as Centrifugo cuts one at
-        # history_max_publication_limit, and the client pages on from its last offset.
-        budget = self._hub.config.client.max_queue_bytes // 2 - self._queued_bytes
+        # An application loading history on every subscribe would never stay
+        # connected after a 3008: the page is cut at _reply_room, as Centrifugo cuts
+        # one at history_max_publication_limit, and the client pages on from its last
+        # offset.
+        budget = self._reply_room()
         pubs: list[orjson.Fragment] = []
         for pub in page.publications:
             encoded = orjson.dumps(pub_to_dict(pub))
