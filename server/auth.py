@@ -42,6 +42,9 @@ from server.config import TokenConfig
 from server.protocol.codec import compact
 
 MAX_CACHED_TOKEN: Final = 4096  # bytes; longer tokens are verified every time (memory bound)
+# Largest exp accepted (int64, as Go's Centrifugo holds it): past 64 bits the
+# connect or subscribe reply's ttl cannot be encoded, and the reply would crash.
+MAX_EXP: Final = 2**63 - 1
 HMAC_ALG: Final = "HS256"
 RSA_ALG: Final = "RS256"
 ECDSA_ALG: Final = "ES256"
@@ -225,13 +228,20 @@ def _expiry(claims: Mapping[str, Any]) -> int:
     exp = claims.get("exp", 0)
     if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
         raise TokenError("exp claim must be a number")
+    if exp > MAX_EXP:
+        raise TokenError("exp claim out of range")
     return math.floor(exp)
 
 
 def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:
+    """The claim as compact JSON. Raises ``TokenError`` for JSON that PyJWT decodes
+    but orjson cannot encode (an integer past 64 bits, nesting deeper than 254)."""
     if key not in claims:
         return None
-    return compact(orjson.dumps(claims[key]))  # kept for the connection's life
+    try:
+        return compact(orjson.dumps(claims[key]))  # kept for the connection's life
+    except orjson.JSONEncodeError as exc:
+        raise TokenError(f"{key} claim cannot be encoded: {exc}") from None
 
 
 def make_token(

@@ -297,6 +297,39 @@ async def test_expired_token_with_wrong_signature_closes_with_3500(squall):
     await ok.still_works()
 
 
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+# Signed claims that PyJWT accepts but a reply cannot carry: exp past 64 bits (the
+# reply's ttl), info with an integer past 64 bits or nested past orjson's 254 levels.
+UNENCODABLE_CLAIMS = {
+    "exp past 64 bits": {"exp": 1e20},
+    "info integer past 64 bits": {"info": 2**70},
+    "info nested too deep": {"info": _nested(300)},
+}
+
+
+@pytest.mark.parametrize("claims", UNENCODABLE_CLAIMS.values(), ids=UNENCODABLE_CLAIMS.keys())
+async def test_token_claims_a_reply_cannot_carry_are_an_invalid_token(squall, claims):
+    """Such a connection token is 3500 (it crashed the connect: error 100 or a close
+    without code, an ERROR traceback, again at every reconnect); a channel token, 103."""
+    sq, ok = await server_and_bystander(squall)
+    bad = await sq.raw()
+    with expect_log("squall.client", r"disconnect code=3500 reason=invalid token .*claim"):
+        reply = await bad.command("connect", {"token": token("alice", extra=claims, ttl=None)})
+        assert reply == {"closed": 3500, "reason": "invalid token"}
+    c = await sq.raw(connect=True)
+    chan_token = token("alice", channel="private:a", extra=claims, ttl=None)
+    with expect_log("squall.client", r"channel token rejected .*claim"):
+        reply = await c.command("subscribe", {"channel": "private:a", "token": chan_token})
+    assert reply["error"]["code"] == 103
+    await ok.still_works()
+
+
 # ---------------------------------------------------------------------- channels
 
 

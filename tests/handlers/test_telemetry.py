@@ -317,6 +317,11 @@ async def test_http_ingest_auth_errors(squall):
     assert code == 401
     code, body, _ = await http(sq, "POST", "/api/telemetry", tok=dashboard_token(), body=point)
     assert (code, body["error"]["code"]) == (403, 103)
+    # A signed info claim that cannot be encoded again (was a 500 and an ERROR traceback).
+    odd = token("d1", extra={"device": True, "info": 2**70})
+    with logs.expect_log("squall.api.telemetry", r"bad token .*info claim cannot be encoded"):
+        code, body, _ = await http(sq, "POST", "/api/telemetry", tok=odd, body=point)
+    assert (code, body["error"]["code"]) == (401, 101)
 
 
 async def test_http_ingest_bad_bodies(squall):
