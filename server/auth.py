@@ -4,7 +4,8 @@ Only the algorithms whose keys are configured are accepted: HS256 with
 ``token.hmac_secret``, RS256 with ``token.rsa_public_key``, ES256 with
 ``token.ecdsa_public_key``. ``alg: none`` and every other algorithm are
 rejected before any signature check. ``exp`` and ``nbf`` are always checked
-when present (NumericDates, fractions allowed); ``aud``/``iss`` when configured.
+when present (NumericDates, fractions allowed); ``aud``/``iss`` when configured;
+``iat`` is not (a backend's clock may run ahead of ours).
 
 Connection token claims: ``sub`` (user id, ``""`` = anonymous), ``exp``,
 ``info`` (any JSON, shown to other clients in presence and publications),
@@ -137,7 +138,10 @@ class TokenVerifier:
                 audience=self._cfg.audience or None,
                 issuer=self._cfg.issuer or None,
                 leeway=self._cfg.leeway,
-                options={"verify_aud": bool(self._cfg.audience)},
+                # iat is not a validity bound (RFC 7519; Centrifugo ignores it): PyJWT
+                # refuses an iat ahead of our clock, which a backend whose clock runs
+                # a second ahead gives every fresh token, and 3500 ends the SDK for good.
+                options={"verify_aud": bool(self._cfg.audience), "verify_iat": False},
             )
         except jwt.ExpiredSignatureError:
             raise TokenError("token expired", expired=True) from None

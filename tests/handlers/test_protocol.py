@@ -98,6 +98,18 @@ async def test_connect_result_with_expiring_token(squall):
     assert 590 <= result["ttl"] <= 600
 
 
+async def test_token_issued_by_a_clock_ahead_of_ours_is_accepted(squall):
+    """iat is not a validity bound (as in Centrifugo): a backend whose clock runs ahead
+    mints tokens with iat in our future. They were refused with 3500 (the SDK then stays
+    disconnected for good) and as channel tokens with 103."""
+    sq = await squall()
+    c = await sq.raw()
+    ahead = {"iat": int(time.time()) + 30}
+    assert "connect" in await c.connect(token=token("alice", extra=ahead))
+    ch = "private:" + chan()
+    assert await subscribed(c, ch, token=token("alice", channel=ch, extra=ahead, ttl=None)) == {}
+
+
 async def test_connect_without_pings_configured(squall):
     """With client.ping_interval 0 the connect reply announces no pings."""
     sq = await squall(**{"client.ping_interval": 0})
