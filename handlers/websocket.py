@@ -422,5 +422,9 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
             # Tornado closed on its own: the only such case is an oversize frame.
             client.on_transport_closed(*proto.own_close)
         else:
-            code = self.close_code or 3000
-            client.on_transport_closed(code, self.close_reason or "connection closed")
+            # The peer went away: 3000 (README), whatever close code and reason it
+            # sent. Both are the peer's choice: counted by code, any peer could add
+            # up to 65 536 series to /metrics; logged as sent, its reason could
+            # forge log lines. Its code (a number) goes in the log line's detail.
+            peer = f"peer close code {self.close_code}" if self.close_code else ""
+            client.on_transport_closed(detail=peer)

@@ -329,10 +329,12 @@ class Client:
         except Exception:  # the transport is what failed; it is gone either way
             log.debug("close after abort failed client=%s", self.id, exc_info=True)
 
-    def on_transport_closed(self, code: int = 3000, reason: str = "connection closed") -> None:
+    def on_transport_closed(
+        self, code: int = 3000, reason: str = "connection closed", detail: str = ""
+    ) -> None:
         """The peer went away (or the transport closed on its own)."""
         if not self._closed:
-            self._finish(code, reason, "")
+            self._finish(code, reason, detail)
 
     def _finish(self, code: int, reason: str, detail: str) -> None:
         self._closed = True

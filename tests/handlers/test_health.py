@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 import tornado.httpclient
 
 from server import codes
-from tests.helpers.logs import expect_log
+from tests.helpers.logs import expect_log, seen
 
 
 async def get(sq: Any, path: str) -> tornado.httpclient.HTTPResponse:
@@ -193,3 +194,22 @@ async def test_ready_is_503_while_the_telemetry_store_is_down(squall):
         "last_write_latency": 0.0,
         "error": "db down",
     }
+
+
+async def test_a_peers_own_close_code_and_reason_are_not_counted_or_logged(squall):
+    """A peer closing with any code is counted under 3000 (the peer went away), and its
+    reason is not logged: any peer could add a /metrics series per code (up to 65 536)
+    and forge log lines with a reason holding a newline."""
+    sq = await squall()
+    forged = "bye\n2026-01-01 00:00:00,000 ERROR squall forged"
+    for code in (1, 4999, 65535):
+        c = await sq.raw(connect=True)
+        with expect_log("squall.client", rf"disconnect code=3000 .*detail=peer close code {code}$"):
+            c.ws.close(code, forged)
+            async with asyncio.timeout(2):
+                while sq.hub.clients:
+                    await asyncio.sleep(0.01)
+    assert not seen("squall", "forged")
+    m = await metrics(sq)
+    assert m['squall_disconnects_total{code="3000"}'] == 3
+    assert not [k for k in m if k.startswith("squall_disconnects_total") and "3000" not in k]
