@@ -54,11 +54,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class OneLineFormatter(logging.Formatter):
+    """One message, one line: messages carry clients' strings (channel names, token
+    errors), and a newline in one would make the rest look like a log line of its
+    own (a forged ERROR, say). A traceback, added after the message, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO), handlers=[handler]
     )
     overrides: dict[str, Any] = {}
     if args.host:

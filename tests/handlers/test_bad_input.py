@@ -822,6 +822,25 @@ async def test_api_oversize_body_gets_413_from_run_py(procs):
         ok.client.close()
 
 
+async def test_a_client_string_with_a_newline_cannot_forge_a_log_line(procs):
+    """Log messages carry clients' strings (here a channel name): a newline in one made
+    the rest a log line of its own, a forged ERROR. run.py writes it as \\n."""
+    proc = procs().start()
+    await proc.wait_ready_async()
+    c = RawClient(await tornado.websocket.websocket_connect(proc.ws_url))
+    try:
+        await c.connect(sub="mallory")
+        channel = "private:x\n2026-01-01 00:00:00,000 ERROR squall forged"
+        reply = await c.command("subscribe", {"channel": channel, "token": "bad"})
+        assert reply["error"]["code"] == 103
+        assert await c.command("ping") == {"id": 3, "ping": {}}
+    finally:
+        c.close()
+    log = proc.log_text()
+    assert "channel=private:x\\n2026-01-01 00:00:00,000 ERROR squall forged" in log
+    assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
+
+
 async def test_unfinished_request_headers_are_dropped_after_connect_timeout(squall):
     """Connections that never finish their request headers (slowloris: silent, or
     trickling a header line at a time) are closed after ``client.connect_timeout``
