@@ -147,9 +147,32 @@ class TelemetryHandler(tornado.web.RequestHandler):
 
 @tornado.web.stream_request_body
 class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
+    """The token is checked from the headers, as the server API's key is: a request
+    without a device token is answered (401/403/404) before its body is read, so
+    that nobody without one can make the node hold ``api.max_body_bytes`` per
+    connection for up to ``api.body_timeout``."""
+
+    creds: Credentials
+    opts: ChannelOptions
+
     async def prepare(self) -> None:
+        try:
+            self.creds, self.opts = self._device()
+        except Refused as exc:
+            await self.refuse(exc)
+            return
         if not self.limit_body(self.hub.config.api.max_body_bytes):
             await self.refuse(Refused(codes.LIMIT_EXCEEDED, "request body too large"))
+
+    def _device(self) -> tuple[Credentials, ChannelOptions]:
+        """The device token and the telemetry namespace. Raises ``Refused``."""
+        creds = self.credentials()
+        if not is_device(creds.claims) or not creds.user:
+            raise Refused(codes.PERMISSION_DENIED, "not a device token")
+        ns, opts = self.namespace()
+        if opts is None:
+            raise Refused(codes.UNKNOWN_CHANNEL, f"telemetry namespace {ns!r} is not configured")
+        return creds, opts
 
     async def post(self) -> None:
         try:
@@ -158,12 +181,8 @@ class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
             await self.refuse(exc)
 
     async def _ingest(self) -> None:
-        creds = self.credentials()
-        if not is_device(creds.claims) or not creds.user:
-            raise Refused(codes.PERMISSION_DENIED, "not a device token")
-        ns, opts = self.namespace()
-        if opts is None:
-            raise Refused(codes.UNKNOWN_CHANNEL, f"telemetry namespace {ns!r} is not configured")
+        creds, opts = self.creds, self.opts
+        ns = self.hub.config.telemetry.namespace
         if self.too_large:
             raise Refused(codes.LIMIT_EXCEEDED, "request body too large")
         try:

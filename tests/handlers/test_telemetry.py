@@ -10,6 +10,7 @@ collection.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from typing import Any
@@ -322,6 +323,30 @@ async def test_http_ingest_auth_errors(squall):
     with logs.expect_log("squall.api.telemetry", r"bad token .*info claim cannot be encoded"):
         code, body, _ = await http(sq, "POST", "/api/telemetry", tok=odd, body=point)
     assert (code, body["error"]["code"]) == (401, 101)
+
+
+@pytest.mark.parametrize(
+    "auth",
+    ["", "Authorization: Bearer not.a.jwt\r\n", f"Authorization: Bearer {dashboard_token()}\r\n"],
+    ids=["no token", "bad token", "not a device token"],
+)
+async def test_http_ingest_refuses_a_bad_token_before_reading_the_body(squall, auth):
+    """401/403 as soon as the headers arrive, as the server API's key check does. The
+    body was read first: anyone without a token could make the node hold
+    api.max_body_bytes per connection for up to api.body_timeout."""
+    sq = await squall()
+    reader, writer = await asyncio.open_connection("127.0.0.1", sq.port)
+    try:
+        head = f"POST /api/telemetry HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 1000000\r\n\r\n"
+        writer.write(head.encode())  # and no body
+        with logs.expect_log("squall.api.telemetry", "bad token", required="not.a" in auth):
+            async with asyncio.timeout(2):
+                status = await reader.readline()
+        assert status.split()[1] in (b"401", b"403"), status
+    finally:
+        writer.close()
+    code, _, _ = await post_points(sq, "d1", {"values": {"v": 1}})
+    assert code == 202
 
 
 async def test_http_ingest_bad_bodies(squall):
