@@ -1,9 +1,10 @@
 """Request bodies bounded by ``api.max_body_bytes``, answered with 413 when over it.
 
-The HTTP server's own limit is ``api.max_body_bytes`` too (``server.app.make_server``),
-and Tornado enforces it by dropping the connection without an answer. The
-handlers that take a body stream it instead (``tornado.web.stream_request_body``)
-and raise the limit for their request: an oversize body is read and dropped, up
+The HTTP server's own limit is 0 (``server.app.make_server``: no other route
+takes a body), and Tornado enforces it by dropping the connection without an
+answer. The handlers that take a body stream it (``tornado.web.stream_request_body``)
+and raise the limit for their request, once they have checked who is asking, to
+``api.max_body_bytes``; an oversize body is read and dropped, up
 to ``MAX_DISCARD_BYTES``, so that the client gets a 413 rather than a reset
 while it is still sending. A declared length over ``MAX_DISCARD_BYTES`` is
 refused at once; a chunked body past it (and past ``api.max_body_bytes``) still
@@ -52,6 +53,8 @@ class BoundedBody(tornado.web.RequestHandler):
             # connection takes at least max_body, as with a Content-Length: a bigger
             # configured limit must not be cut at MAX_DISCARD_BYTES.
             connection.set_max_body_size(max(max_body, MAX_DISCARD_BYTES))
+        elif isinstance(connection, HTTP1Connection):
+            connection.set_max_body_size(max_body)  # the server's own limit is 0
         return True
 
     def data_received(self, chunk: bytes) -> None:

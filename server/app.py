@@ -52,10 +52,16 @@ def make_server(app: tornado.web.Application, config: Config) -> HTTPServer:
     defaults (an hour for headers, no bound on a body) let connections that
     never finish their request (slowloris) pile up until the process ran out
     of file descriptors.
+
+    No route takes a body but the two that stream theirs (the server API and
+    ``POST /api/telemetry``), which raise the limit to ``api.max_body_bytes`` for
+    their request once its key or token passed (``handlers.body``). Elsewhere a
+    body (a GET declaring one) drops the connection: with the API's limit here,
+    anyone could make the node buffer that much per connection, on any path.
     """
     return _Server(
         app,
-        max_body_size=config.api.max_body_bytes,
+        max_body_size=0,
         xheaders=config.server.trust_proxy_headers,
         idle_connection_timeout=config.client.connect_timeout,
         body_timeout=config.api.body_timeout,

@@ -841,6 +841,25 @@ async def test_a_client_string_with_a_newline_cannot_forge_a_log_line(procs):
     assert not [line for line in log.splitlines() if line.startswith("2026-01-01")]
 
 
+@pytest.mark.parametrize("path", ["/health", "/api/devices", "/nowhere", "/connection/websocket"])
+async def test_a_body_where_no_route_takes_one_is_not_waited_for(squall, path):
+    """Only the server API and /api/telemetry take a body (after their key or token
+    check). A GET declaring 1 MB was read on any path, up to api.max_body_bytes per
+    connection held for up to api.body_timeout: now it gets 400 and is closed at once."""
+    sq, ok = await server_and_bystander(squall)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sq.port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n".encode())
+        async with asyncio.timeout(2 * TIME_FACTOR):
+            assert await reader.read() == b"HTTP/1.1 400 Bad Request\r\n\r\n"  # then closed
+    finally:
+        writer.close()
+    status, _ = await api_call(sq.http_url, "publish", PUBLISH)  # a body where one is taken
+    assert status == 200
+    assert (await ok.client.next_push())["push"]["pub"]["data"] == {"from": "api"}
+    await ok.still_works()
+
+
 async def test_unfinished_request_headers_are_dropped_after_connect_timeout(squall):
     """Connections that never finish their request headers (slowloris: silent, or
     trickling a header line at a time) are closed after ``client.connect_timeout``
