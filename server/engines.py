@@ -19,6 +19,9 @@ log = logging.getLogger("squall.engines")
 # contains none of them. No host parsing: multi-host MongoDB URLs
 # (``mongodb://u:p@h1:27017,h2:27018/db``) are not valid for ``urlsplit().port``.
 _USERINFO_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^@/?#]*@")
+# redis-py also takes the password as a query option (``redis://h:6379/0?password=p``,
+# the usual form for ``unix://`` sockets), so it is hidden there too.
+_QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +34,8 @@ class Engines:
 
 def redact(url: str) -> str:
     """The URL with its password (if any) replaced by ``***``, for logs; never raises."""
-    return _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
+    url = _USERINFO_PASSWORD.sub(r"\1:***@", url, count=1)
+    return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
 def make_engines(config: Config, *, node_id: str) -> Engines:

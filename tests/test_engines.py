@@ -21,6 +21,12 @@ from server.engines import redact
         ("mongodb://u:p%40ss%2Fw@h:27017/db", "mongodb://u:***@h:27017/db"),
         ("redis://:secret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
         ("redis://user:pw@[::1]:6379/0", "redis://user:***@[::1]:6379/0"),
+        # redis-py's query form, the usual one for unix sockets
+        (
+            "unix:///run/redis.sock?db=2&password=s3cr%3Aet",
+            "unix:///run/redis.sock?db=2&password=***",
+        ),
+        ("redis://127.0.0.1:6379/0?password=p&db=7", "redis://127.0.0.1:6379/0?password=***&db=7"),
     ],
 )
 def test_redact_hides_the_password_in_single_and_multi_host_urls(url: str, expected: str) -> None:

@@ -194,3 +194,17 @@ def test_engine_that_cannot_start_exits_1_with_one_line_saying_why(tmp_path, mon
     assert last.startswith("squall: cannot start: telemetry store: collection 'telemetry_points'")
     assert "telemetry.points_collection" in last
     assert "Traceback" not in result.stderr
+
+
+def test_redis_password_in_the_url_query_is_not_logged(procs, redis_url):
+    """redis-py takes the password as a query option too (`?password=`, the usual form for
+    unix sockets): the start-up line naming the broker hides it as it does `:pw@`."""
+    secret = "hunter2-query-secret"
+    url = redis_url.split("?")[0] + f"?password={secret}"
+    proc = procs(overrides={"redis.url": url}).start()
+    proc.wait_ready()
+    assert proc.stop(timeout=10) == 0
+    text = proc.log_text()
+    assert "broker: redis " in text
+    assert "password=***" in text
+    assert secret not in text
