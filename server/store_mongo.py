@@ -129,6 +129,9 @@ DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
 # InvalidIndexSpecificationOption, CannotCreateIndex, IndexOptionsConflict.
 NO_TTL_CODES: Final = frozenset({238, 197, 67, 85})
 STATS_LOG_INTERVAL: Final = 10.0  # seconds between DEBUG write-latency summaries
+# Offsets are unsigned 64-bit on the wire but BSON integers are signed: no stored
+# offset is above this, and PyMongo cannot send a larger bound (OverflowError).
+MAX_STORED_OFFSET: Final = 2**63 - 1
 _PROJECTION: Final = {"_id": 0, "offset": 1, "epoch": 1, "data": 1, "info": 1, "tags": 1, "time": 1}
 
 
@@ -877,8 +880,10 @@ def _top_query(
 def _history_query(
     channel: str, epoch: str, low: int, high: int | None, now: datetime, reverse: bool
 ) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    offset: dict[str, int] = {"$gt": low}
-    if high is not None:
+    # A client may give any uint64 position: one past MAX_STORED_OFFSET is past
+    # every stored offset (a lower bound matching none, an upper bound matching all).
+    offset: dict[str, int] = {"$gt": min(low, MAX_STORED_OFFSET)}
+    if high is not None and high <= MAX_STORED_OFFSET:
         offset["$lt"] = high
     query = {
         "channel": channel,

@@ -324,3 +324,39 @@ async def test_graceful_shutdown_answers_a_publish_in_flight(
         redis.stop()
     docs = await stored(mongo_url, unique_prefix, channel)
     assert [d["offset"] for d in docs] == [1, 2]
+
+
+async def test_a_position_past_the_int64_range_is_not_recoverable_and_no_error(
+    procs: ProcessGroup, mongo_url: str, unique_prefix: str
+) -> None:
+    """Offsets are uint64 on the wire; MongoDB stores signed 64-bit integers. A client
+    recovering from (or paging back from) an offset above 2**63 - 1 gets recovered: false
+    and a history page as the other engines give, not error 100 and a logged traceback."""
+    channel = "persist:huge"
+    proc = procs(overrides=store_overrides(mongo_url, unique_prefix))
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    for n in (1, 2):
+        await api_ok(proc, "publish", {"channel": channel, "data": data(n)})
+    epoch = (await api_ok(proc, "history", {"channel": channel, "limit": 0}))["epoch"]
+    client = await raw_client(proc)
+    try:
+        reply = await client.command(
+            "subscribe", {"channel": channel, "recover": True, "offset": 2**63, "epoch": epoch}
+        )
+        assert reply.get("subscribe", {}).get("recovered") is False, reply
+        reply = await client.command(
+            "history",
+            {
+                "channel": channel,
+                "limit": -1,
+                "reverse": True,
+                "since": {"offset": 2**64 - 1, "epoch": epoch},
+            },
+        )
+        assert [p["offset"] for p in reply["history"]["publications"]] == [2, 1], reply
+    finally:
+        client.close()
+    since = {"offset": 2**63, "epoch": epoch}
+    page = await api_ok(proc, "history", {"channel": channel, "limit": -1, "since": since})
+    assert page["publications"] == [], page

@@ -132,6 +132,20 @@ async def test_since_limit_and_reverse_select_the_page(store: Store) -> None:
         await written(store)
 
 
+async def test_positions_past_the_int64_range_read_as_past_every_offset(store: Store) -> None:
+    """Clients may send any uint64 offset; BSON integers are signed 64-bit. A bound
+    above that range is past every stored offset, never an error."""
+    for i in (1, 2, 3):
+        await store.append("big", pub(i), KEEP)
+    for _ in range(2):  # queued, then written
+        for offset in (2**63, 2**64 - 1):
+            since = StreamPosition(offset, "e1")
+            assert await store.read_since("big", since=since) == []
+            back = await store.read_since("big", since=since, reverse=True)
+            assert [p.offset for p in back] == [3, 2, 1]
+        await written(store)
+
+
 async def test_epochs_are_kept_apart(store: Store) -> None:
     """A new epoch starts a separate stream; the old one stays readable by its epoch."""
     for i in range(1, 4):
