@@ -234,7 +234,7 @@ class Api:
         if not (opts.history_enabled or opts.persist):
             raise ClientError(codes.NOT_AVAILABLE)
         limit = p.get("limit") or 0
-        if not isinstance(limit, int):
+        if not isinstance(limit, int) or isinstance(limit, bool):
             raise ClientError(codes.BAD_REQUEST, "limit must be an integer")
         since_raw = p.get("since")
         since = None
@@ -242,7 +242,12 @@ class Api:
             if not isinstance(since_raw, dict):
                 raise ClientError(codes.BAD_REQUEST, "since must be an object")
             offset, epoch = since_raw.get("offset", 0), since_raw.get("epoch", "")
-            if not isinstance(offset, int) or not isinstance(epoch, str) or offset < 0:
+            if (
+                not isinstance(offset, int)
+                or isinstance(offset, bool)
+                or not isinstance(epoch, str)
+                or offset < 0
+            ):
                 raise ClientError(codes.BAD_REQUEST, "since needs offset and epoch")
             since = StreamPosition(offset, epoch)
         page = await self.hub.history(

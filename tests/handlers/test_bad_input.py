@@ -707,6 +707,10 @@ async def test_api_unknown_method_gets_404(squall):
         ("broadcast", {"channels": "lobby", "data": 1}),
         ("history", {"channel": "chat:a", "limit": "x"}),
         ("history", {"channel": "chat:a", "since": {"offset": -1}}),
+        # JSON booleans are not integers (Python's bool is an int: a page of 1 in memory,
+        # error 100 from Redis, which cannot take a bool)
+        ("history", {"channel": "chat:a", "limit": True}),
+        ("history", {"channel": "chat:a", "since": {"offset": True, "epoch": ""}}),
         ("disconnect", {"user": "a", "disconnect": {"code": 1000}}),
         ("refresh", {"user": "a", "expire_at": "soon"}),
         ("send", {"user": "a"}),
