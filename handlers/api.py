@@ -269,9 +269,7 @@ class Api:
         channel, opts = self._channel(p)
         if not (opts.history_enabled or opts.persist):
             raise ClientError(codes.NOT_AVAILABLE)
-        await self.hub.broker.remove_history(channel)
-        if opts.persist:
-            await self.hub.store.remove(channel)
+        await self.hub.remove_history(channel, opts)
         return {}
 
     async def channels(self, p: Mapping[str, Any]) -> dict[str, Any]:

@@ -822,6 +822,20 @@ class Hub:
             log.warning("history of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
 
+    async def remove_history(self, channel: str, opts: ChannelOptions) -> None:
+        """Drop the channel's history (broker and, for persistent namespaces, store).
+
+        Raises:
+            ClientError: 100 when an engine failed, as every other engine call.
+        """
+        try:
+            await self.broker.remove_history(channel)
+            if opts.persist:
+                await self.store.remove(channel)
+        except EngineError as exc:
+            log.warning("history remove of %s failed: %s", channel, exc)
+            raise ClientError(codes.INTERNAL) from None
+
     async def recover(
         self, channel: str, opts: ChannelOptions, since: StreamPosition
     ) -> tuple[list[Publication], StreamPosition, bool]:

@@ -310,3 +310,20 @@ async def test_redis_restarted_without_its_data_persistent_channels_continue_the
         page = await api_ok(node, "history", {"channel": ch, "limit": -1})
         assert [p["data"]["n"] for p in page["publications"]] == [1, 2, 3, 4]
         assert (page["offset"], page["epoch"]) == (4, epochs[ch])
+
+
+async def test_history_remove_while_redis_is_down_answers_100_in_json(redis_server, cluster):
+    """history_remove with Redis unreachable gets error 100 (temporary) like every other
+    method, not an HTTP 500 page; in a batch the other commands still get their replies."""
+    (a,) = await cluster.start_async(1)
+    await api_ok(a, "publish", {"channel": "chat:rm", "data": {"n": 1}})
+    redis_server.kill()
+    reply = await api(a, "history_remove", {"channel": "chat:rm"})
+    assert reply["error"] == {"code": 100, "message": "internal server error", "temporary": True}
+    batch = await api(
+        a,
+        "batch",
+        {"commands": [{"history_remove": {"channel": "chat:rm"}}, {"presence_stats": {}}]},
+    )
+    assert [list(r) for r in batch["replies"]] == [["error"], ["error"]], batch
+    assert batch["replies"][0]["error"]["code"] == 100, batch

@@ -249,3 +249,27 @@ async def test_database_back_without_its_data_gets_indexes_and_crash_marker_agai
     await second.wait_ready_async(path="/ready")
     result = await api_ok(second, "publish", {"channel": channel, "data": {"n": 6}})
     assert result["offset"] == 4 + QUEUE_SIZE + 1  # not 5: the lost one had it
+
+
+async def test_history_remove_while_the_database_is_down_answers_100_in_json(
+    ferretdb: services.ServiceProcess, procs: ProcessGroup, unique_prefix: str
+) -> None:
+    """history_remove of a persistent channel with the database unreachable gets error 100
+    (temporary), not an HTTP 500 page; it works again once the database is back."""
+    channel = "persist:remove"
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    proc = procs(overrides=store_overrides(url, unique_prefix))
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    await api_ok(proc, "publish", {"channel": channel, "data": {"n": 1}})
+    ferretdb.stop()
+    reply = await api(proc, "history_remove", {"channel": channel})
+    assert reply["error"] == {"code": 100, "message": "internal server error", "temporary": True}
+    ferretdb.start()
+    await until(lambda: _removed(proc, channel), what="history_remove after the outage")
+    history = await api_ok(proc, "history", {"channel": channel, "limit": -1})
+    assert history["publications"] == [], history
+
+
+async def _removed(proc: Any, channel: str) -> bool:
+    return "result" in await api(proc, "history_remove", {"channel": channel})
