@@ -86,6 +86,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("squall.hub")
 
 MAX_RECOVERY: Final = 10_000  # publications one recovery may return
+# Publications one history call returns at most (limit -1 or above it): a
+# persistent channel can hold millions, and reading them all would stall the
+# loop and the memory for every connection. Callers page on with ``since``.
+MAX_HISTORY_PAGE: Final = 10_000
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
 LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
 FLUSH_PAUSE_MIN: Final = 0.0005  # seconds: a shorter pause after a flush is not worth a timer
@@ -786,10 +790,25 @@ class Hub:
         the stream's current one (Centrifugo's rule). A ``since`` naming another
         epoch gets an empty page: callers answer 112 for it.
 
+        A ``limit`` of ``None`` (all) or above ``MAX_HISTORY_PAGE`` is cut to it.
+
         Raises:
             ClientError: 107 for ``reverse`` with ``since.offset`` 0 (nothing is
                 before it; Centrifugo's answer), 100 when an engine failed.
         """
+        if limit is None or limit > MAX_HISTORY_PAGE:
+            limit = MAX_HISTORY_PAGE
+        return await self._history(channel, opts, since=since, limit=limit, reverse=reverse)
+
+    async def _history(
+        self,
+        channel: str,
+        opts: ChannelOptions,
+        *,
+        since: StreamPosition | None,
+        limit: int,
+        reverse: bool,
+    ) -> HistoryPage:
         if since is not None and reverse and since.offset == 0:
             raise ClientError(codes.BAD_REQUEST, "reverse history needs since.offset above 0")
         try:
@@ -817,7 +836,7 @@ class Hub:
             for p in page.publications:
                 found.setdefault(p.offset, p)
             pubs = [found[o] for o in sorted(found, reverse=reverse)]
-            return HistoryPage(pubs if limit is None else pubs[:limit], top)
+            return HistoryPage(pubs[:limit], top)
         except EngineError as exc:
             log.warning("history of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
@@ -844,7 +863,11 @@ class Hub:
         An empty epoch means the current one, as in Centrifugo: centrifuge-js
         sends none for a ``since`` position given without one.
         """
-        page = await self.history(channel, opts, since=since, limit=None)
+        # One more than a recovery may return: enough to tell "too many" from
+        # "all of them", never the whole of a long persistent stream.
+        page = await self._history(
+            channel, opts, since=since, limit=MAX_RECOVERY + 1, reverse=False
+        )
         pos = page.position
         pubs = page.publications
         if since.epoch and since.epoch != pos.epoch:

@@ -604,6 +604,35 @@ async def test_history_pages_back_and_takes_since_without_epoch(squall):
     assert error_code(reply) == 107
 
 
+async def test_history_of_a_long_persistent_stream_comes_in_pages_of_10000(squall):
+    """History "all" (limit -1) of a persistent channel longer than 10 000 returns the
+    first 10 000 (reversed: the newest), client and server API alike, and paging on
+    with ``since`` reaches the rest: a stream of millions is never read whole."""
+    sq = await squall()
+    ch = "persist:" + chan()
+    opts = sq.hub.config.channel_options(ch)
+    total = 10_050
+    for n in range(1, total + 1):
+        pos = await sq.hub.publish(ch, b"%d" % n, opts)
+    assert pos.offset == total
+    c = await sq.raw(connect=True)
+    await subscribed(c, ch)
+
+    async def offsets(**params: Any) -> list[int]:
+        reply = await c.command("history", {"channel": ch, **params})
+        assert reply["history"]["offset"] == total, reply
+        return [p["offset"] for p in reply["history"]["publications"]]
+
+    first = await offsets(limit=-1)
+    assert first == list(range(1, 10_001))
+    rest = await offsets(limit=-1, since={"offset": first[-1], "epoch": pos.epoch})
+    assert rest == list(range(10_001, total + 1))
+    assert await offsets(limit=20_000, reverse=True) == list(range(total, 50, -1))
+    reply = await sq.api("history", {"channel": ch, "limit": -1})
+    assert len(reply["result"]["publications"]) == 10_000
+    assert reply["result"]["publications"][-1]["offset"] == 10_000
+
+
 async def test_history_since_another_epoch_gets_112(squall):
     """History since a position from another stream epoch gets 112, not an empty page."""
     sq = await squall()
