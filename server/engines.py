@@ -14,11 +14,13 @@ from server.telemetry_store import TelemetryStore
 
 log = logging.getLogger("squall.engines")
 
-# scheme://user:password@ - the password runs to the '@' and, as RFC 3986 and the
-# MongoDB URI spec require ':', '/', '?', '#' and '@' in it to be percent-encoded,
-# contains none of them. No host parsing: multi-host MongoDB URLs
-# (``mongodb://u:p@h1:27017,h2:27018/db``) are not valid for ``urlsplit().port``.
-_USERINFO_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:@/?#]*):[^@/?#]*@")
+# scheme://user:password@ - the password runs from the user's ':' to the *last* '@'
+# before the path ('/', '?' or '#'), as urllib reads it: RFC 3986 wants '@' in a
+# password percent-encoded, but redis-py accepts ``redis://:pa@ss@host`` (password
+# "pa@ss"), and stopping at the first '@' logged the rest of the password. No host
+# parsing: multi-host MongoDB URLs (``mongodb://u:p@h1:27017,h2:27018/db``) are not
+# valid for ``urlsplit().port``.
+_USERINFO_PASSWORD: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/?#]*):[^/?#]*@")
 # redis-py also takes the password as a query option (``redis://h:6379/0?password=p``,
 # the usual form for ``unix://`` sockets), so it is hidden there too.
 _QUERY_PASSWORD: Final = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)

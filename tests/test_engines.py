@@ -27,6 +27,11 @@ from server.engines import redact
             "unix:///run/redis.sock?db=2&password=***",
         ),
         ("redis://127.0.0.1:6379/0?password=p&db=7", "redis://127.0.0.1:6379/0?password=***&db=7"),
+        # An unescaped '@' in the password: redis-py reads the password up to the last
+        # '@' (here "R3dis@Secret"), so all of it is hidden, not just up to the first.
+        ("redis://:R3dis@Secret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("mongodb://u:a@b@h:27017/db?authSource=x@y", "mongodb://u:***@h:27017/db?authSource=x@y"),
+        ("redis://u@x:pw@h:6379/0", "redis://u@x:***@h:6379/0"),
     ],
 )
 def test_redact_hides_the_password_in_single_and_multi_host_urls(url: str, expected: str) -> None:
