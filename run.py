@@ -5,8 +5,9 @@
     python run.py token --sub USER [--ttl SECONDS] [--channel CH] [--info JSON] [--channels A,B]
                         [--device] [--devices 'GLOB[,GLOB]']
 
-Exit codes: 0 after a clean shutdown, 1 when an engine cannot start (a line on
-stderr says why), 2 for invalid configuration or arguments.
+Exit codes: 0 after a clean shutdown, 1 when an engine cannot start or the listen
+address cannot be bound (a line on stderr says why), 2 for invalid configuration or
+arguments.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -31,6 +33,27 @@ log = logging.getLogger("squall")
 DEV_SECRET = "squall-development-secret-change-me-please"  # noqa: S105 - detected and warned about
 DEV_API_KEY = "squall-development-api-key-change-me"
 LISTEN_BACKLOG = 4096
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(text: str) -> str:
+    """A ``--log-level`` value, case-insensitive; a typo is refused, not run at INFO."""
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def seconds(text: str) -> float:
+    """A ``--ttl``: finite and not negative (``nan`` crashed signing, ``-5`` made an
+    already expired token)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,11 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--host", help="listen address (overrides server.host)")
     parser.add_argument("--port", type=int, help="listen port (overrides server.port)")
     parser.add_argument("--name", help="node name shown in info (overrides server.name)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level", type=log_level, default="INFO", help="DEBUG, INFO, WARNING, ERROR"
+    )
     sub = parser.add_subparsers(dest="command")
     tok = sub.add_parser("token", help="print a JWT signed with token.hmac_secret")
     tok.add_argument("--sub", required=True, help="user id (claim sub); '' for anonymous")
-    tok.add_argument("--ttl", type=float, default=3600, help="seconds until exp; 0 = no exp")
+    tok.add_argument("--ttl", type=seconds, default=3600, help="seconds until exp; 0 = no exp")
     tok.add_argument("--channel", help="make a channel token for this channel")
     tok.add_argument("--info", help="JSON for the info claim")
     tok.add_argument("--channels", help="comma-separated server-side subscriptions (claim)")
@@ -67,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO), handlers=[handler]
-    )
+    logging.basicConfig(level=getattr(logging, args.log_level), handlers=[handler])
     overrides: dict[str, Any] = {}
     if args.host:
         overrides["server.host"] = args.host
@@ -86,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_token(config, args)
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # a value only an engine can check (e.g. a bad redis.url)
+        print(f"squall: invalid configuration: {exc}", file=sys.stderr)
+        return 2
     except EngineError as exc:  # an engine refused to start (e.g. MongoDB unreachable)
         print(f"squall: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -121,9 +147,22 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
 
 async def serve(config: Config) -> None:
     """Run until SIGTERM/SIGINT, then drain within ``server.shutdown_timeout``."""
+    from tornado.netutil import bind_sockets
+
     from server.app import make_app, make_server
     from server.engines import make_engines
 
+    # Bind before any engine starts: a port in use (or a host that does not resolve)
+    # is one line and exit 1, with no store opened and left unclosed (a MongoDB
+    # writer marker left open reads as a crash at the next start).
+    try:
+        sockets = bind_sockets(
+            config.server.port, address=config.server.host, backlog=LISTEN_BACKLOG
+        )
+    except OSError as exc:
+        raise EngineError(
+            f"cannot listen on {config.server.host}:{config.server.port}: {exc.strerror or exc}"
+        ) from None
     node_id = uuid.uuid4().hex
     engines = make_engines(config, node_id=node_id)
     app, hub = make_app(config, engines, node_id=node_id)
@@ -135,9 +174,10 @@ async def serve(config: Config) -> None:
         log.warning("api.key is empty: the server API refuses every request")
     await hub.start()
     server = make_server(app, config)
-    # A deep accept backlog: reconnect storms (every client of a stopped node at
-    # once) must not overflow it. The kernel caps it at net.core.somaxconn.
-    server.listen(config.server.port, address=config.server.host, backlog=LISTEN_BACKLOG)
+    # A deep accept backlog (bind_sockets above): reconnect storms (every client of a
+    # stopped node at once) must not overflow it. The kernel caps it at
+    # net.core.somaxconn.
+    server.add_sockets(sockets)
     log.info(
         "listening on http://%s:%d (websocket /connection/websocket, api /api/<method>) node=%s",
         config.server.host,

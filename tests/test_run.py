@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -208,3 +209,51 @@ def test_redis_password_in_the_url_query_is_not_logged(procs, redis_url):
     assert "broker: redis " in text
     assert "password=***" in text
     assert secret not in text
+
+
+def test_port_in_use_exits_1_with_one_line_saying_why(tmp_path):
+    """A listen port that is taken (the commonest start-up mistake) stops run.py with
+    exit 1 and one line naming the address, not a traceback."""
+    path = tmp_path / "c.yaml"
+    path.write_text("", encoding="utf-8")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli(["--config", str(path), "--port", str(port)], timeout=20)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"squall: cannot start: cannot listen on 127.0.0.1:{port}: "), last
+
+
+def test_engine_url_of_the_wrong_form_exits_2_with_one_line_naming_the_key(tmp_path):
+    """A redis.url redis-py cannot parse is a bad configuration value like any other:
+    exit 2 and one line naming the key (it was a traceback and exit 1)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("redis: {url: 'http://127.0.0.1:6379'}\n", encoding="utf-8")
+    result = run_cli(["--config", str(path), "--port", str(free_port())], timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("squall: invalid configuration: redis.url: "), lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--log-level", "verbose"], "--log-level"),
+        (["token", "--sub", "alice", "--ttl", "nan"], "--ttl"),
+        (["token", "--sub", "alice", "--ttl", "-60"], "--ttl"),
+    ],
+)
+def test_bad_command_line_values_exit_2(tmp_path, args, option):
+    """A mistyped --log-level is refused (it ran at INFO without a word), and a --ttl
+    that is not a finite number >= 0 too (nan was a traceback, -60 an expired token)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("", encoding="utf-8")
+    result = run_cli(["--config", str(path), "--port", str(free_port()), *args], timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert f"error: argument {option}: " in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
