@@ -263,9 +263,11 @@ def load_config(
     except OSError as exc:
         raise ConfigError(f"config file {cfg_path}: {exc.strerror or exc}") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {cfg_path}: invalid YAML: {exc}") from None
+        # PyYAML's str() spans several lines (context, a caret under the column):
+        # one line here, as for every other configuration error.
+        raise ConfigError(f"config file {cfg_path}: invalid YAML: {_yaml_problem(exc)}") from None
     if loaded is not None:
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {cfg_path}: expected a mapping at the top level")
@@ -277,6 +279,40 @@ def load_config(
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value, from_text=False)
     return config_from_dict(raw)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last one silently: a second ``client:`` section further down
+    the file would drop every setting of the first without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults" merges are meant to be overridden
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where (1-based line and column), on one line."""
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return str(problem)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
@@ -448,6 +484,10 @@ def check_mongo(cfg: MongoConfig) -> None:
 def _check(cfg: Config) -> None:
     if not 0 < cfg.server.port < 65536:
         raise ConfigError(f"server.port: expected 1-65535, got {cfg.server.port}")
+    if not cfg.server.host:
+        # An empty address binds every interface: "host:" left blank, or SQUALL_HOST=
+        # set to nothing, must not publish a server meant for 127.0.0.1.
+        raise ConfigError("server.host: must not be empty (0.0.0.0 listens on all interfaces)")
     positive = {
         "client.max_frame_bytes": cfg.client.max_frame_bytes,
         "client.max_queue_bytes": cfg.client.max_queue_bytes,

@@ -294,6 +294,8 @@ def test_config_is_immutable(tmp_path):
         ("server: {port: 70000}", "server.port"),
         ("server: {port: '8000'}", "server.port"),
         ("server: {host: [a]}", "server.host"),
+        ("server: {host: }", "server.host"),  # empty would bind every interface
+        ("server: {host: ''}", "server.host"),
         ("api: {key: 12345}", "api.key"),
         ("api: {max_body_bytes: 0}", "api.max_body_bytes"),
         ("api: {body_timeout: 0}", "api.body_timeout"),
@@ -322,6 +324,7 @@ def test_bad_value_message_shows_the_value(tmp_path):
         ({"SQUALL_PORT": "70000"}, "server.port"),
         ({"SQUALL_PORT": "-5"}, "server.port"),
         ({"SQUALL_PORT": ""}, "server.port"),
+        ({"SQUALL_HOST": ""}, "server.host"),
     ],
 )
 def test_bad_environment_value_names_the_key(tmp_path, environ, key):
@@ -417,6 +420,55 @@ def test_unparsable_or_non_mapping_yaml(tmp_path, text):
     """Broken YAML or a top level that is not a mapping is a configuration error."""
     with pytest.raises(ConfigError, match="config file"):
         load(tmp_path, text)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("server: [\n", "at line 2, column 1"),
+        ("a: : b\n", "at line 1, column 4"),
+        ("client: {\n  max_channels: 5,\n  max_channels: 6}\n", "at line 3, column 3"),
+    ],
+)
+def test_yaml_errors_are_one_line_saying_where(tmp_path, text, where):
+    """A YAML error is one line (run.py prints one line per configuration error) with
+    the line and column; PyYAML's own message spans three, a caret under the column."""
+    message = config_error(tmp_path, text)
+    assert "\n" not in message, message
+    assert message.endswith(where), message
+
+
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """A second ``client:`` section would silently drop every setting of the first
+    (PyYAML keeps the last): it is refused, naming the key and where it repeats."""
+    message = config_error(
+        tmp_path,
+        """\
+        client:
+          max_channels: 10
+        server:
+          port: 8001
+        client:
+          allowed_origins: ["*"]
+        """,
+    )
+    assert "key 'client' appears twice at line 5, column 1" in message, message
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    """``<<: *anchor`` merges are not duplicates: a key set beside one wins."""
+    cfg = load(
+        tmp_path,
+        """\
+        namespaces:
+          a: &base {allow_subscribe_for_client: true, presence: true}
+          b:
+            <<: *base
+            presence: false
+        """,
+    )
+    assert cfg.namespaces["b"].allow_subscribe_for_client
+    assert not cfg.namespaces["b"].presence
 
 
 def test_config_from_dict_validates_like_load_config():
