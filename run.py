@@ -152,6 +152,16 @@ async def serve(config: Config) -> None:
     from server.app import make_app, make_server
     from server.engines import make_engines
 
+    # Signals first: one that arrives while the engines start (MongoDB, Redis) asks
+    # for the same orderly shutdown once they have started. Before, asyncio's own
+    # SIGINT handler cancelled the start-up (a traceback, stores left open, or the
+    # cancellation lost inside a driver and the server running on), and SIGTERM
+    # killed the process outright.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
     # Bind before any engine starts: a port in use (or a host that does not resolve)
     # is one line and exit 1, with no store opened and left unclosed (a MongoDB
     # writer marker left open reads as a crash at the next start).
@@ -191,10 +201,6 @@ async def serve(config: Config) -> None:
         gc.freeze()
         gc.set_threshold(50_000, 50, 100)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     deadline = time.monotonic() + config.server.shutdown_timeout

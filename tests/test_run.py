@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -257,3 +258,28 @@ def test_bad_command_line_values_exit_2(tmp_path, args, option):
     assert f"error: argument {option}: " in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_the_engines_start_shuts_down_cleanly(procs, sig):
+    """Ctrl-C (or SIGTERM) while the engines are still starting (here a Redis that
+    accepts connections and never answers: the start waits redis.socket_timeout) is
+    the same orderly shutdown as later: exit 0, 'stopped', no traceback. It was a
+    KeyboardInterrupt traceback (SIGINT) or an instant kill (SIGTERM) with the engines
+    left open, and with MongoDB a SIGINT lost inside the driver left the server running."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        proc = procs(overrides={"redis.url": url, "redis.socket_timeout": 3}).start()
+        deadline = time.monotonic() + 20
+        while "broker: redis" not in proc.log_text():  # serve() runs: the engines start
+            assert proc.running, proc.log_tail()
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.01)
+        proc.signal(sig)
+        code = proc.wait(3 + EXIT_DEADLINE)
+    assert code == 0, proc.log_tail()
+    log = proc.log_text()
+    assert "stopped" in log
+    assert "Traceback" not in log
