@@ -972,6 +972,7 @@ class Hub:
         return [me, *others]
 
     async def _heartbeat_forever(self) -> None:
+        failing = False  # heartbeats fail while the broker is down: say so once, not per beat
         while True:
             node = self.node_info()
             payload = {
@@ -986,9 +987,15 @@ class Hub:
                 "extra": node.extra,
             }
             try:
-                await self.control("node", node=payload)
-            except ClientError:
-                pass  # the broker logged it; the next beat retries
+                await self.broker.publish_control(orjson.dumps({"type": "node", "node": payload}))
+            except EngineError as exc:
+                if not failing:  # the next beat retries; a Redis outage is logged by the broker
+                    failing = True
+                    log.warning("node heartbeats failing until the broker is back: %s", exc)
+            else:
+                if failing:
+                    failing = False
+                    log.info("node heartbeats sent again")
             now = time.monotonic()
             expiry = self.config.server.node_expiry
             for uid in [u for u, (_, seen) in self._nodes.items() if seen + expiry <= now]:

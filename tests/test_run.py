@@ -283,3 +283,22 @@ def test_signal_while_the_engines_start_shuts_down_cleanly(procs, sig):
     log = proc.log_text()
     assert "stopped" in log
     assert "Traceback" not in log
+
+
+def test_redis_outage_logs_failing_heartbeats_once(procs):
+    """With Redis down, the heartbeat sent every server.node_heartbeat_interval fails
+    each time: one warning says so, not one per beat (720 an hour by default)."""
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proc = procs(
+        overrides={
+            "redis.url": url,
+            "server.node_heartbeat_interval": 0.1,
+            "server.node_expiry": 1,
+        }
+    ).start()
+    proc.wait_ready()
+    time.sleep(1.5)  # about 15 beats, every one failing
+    assert proc.stop() == 0
+    hub_warnings = [line for line in proc.log_text().splitlines() if " WARNING squall.hub " in line]
+    assert len(hub_warnings) == 1, hub_warnings
+    assert "node heartbeats failing" in hub_warnings[0]
