@@ -13,7 +13,8 @@ from server.errors import EngineError
 from server.hub import Hub
 from server.store import StoreStatus
 
-READY_TIMEOUT: Final = 2.0  # seconds the broker probe may take
+READY_TIMEOUT: Final = 2.0  # seconds the broker probe may take (at least)
+READY_MARGIN: Final = 0.5  # beyond redis.ping_timeout, so the broker's own timeout answers
 
 
 class HealthHandler(tornado.web.RequestHandler):
@@ -34,8 +35,11 @@ class ReadyHandler(tornado.web.RequestHandler):
 
     async def get(self) -> None:
         broker: dict[str, object] = {"ready": True}
+        # redis.ping_timeout is how long the probe may take: a larger one must not be
+        # cut short here (it was, at 2 s, as a bare "timeout").
+        timeout = max(READY_TIMEOUT, self.hub.config.redis.ping_timeout + READY_MARGIN)
         try:
-            await asyncio.wait_for(self.hub.broker.ping(), READY_TIMEOUT)
+            await asyncio.wait_for(self.hub.broker.ping(), timeout)
         except (EngineError, TimeoutError) as exc:
             broker = {"ready": False, "error": str(exc) or "timeout"}
         store = _describe(self.hub.store.status())

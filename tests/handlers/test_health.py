@@ -213,3 +213,28 @@ async def test_a_peers_own_close_code_and_reason_are_not_counted_or_logged(squal
     m = await metrics(sq)
     assert m['squall_disconnects_total{code="3000"}'] == 3
     assert not [k for k in m if k.startswith("squall_disconnects_total") and "3000" not in k]
+
+
+async def test_ready_waits_the_configured_redis_ping_timeout(squall, redis_url, unique_prefix):
+    """/ready's probe may take redis.ping_timeout (README): with 5 s configured (and
+    redis.socket_timeout, which bounds the probe's publish), a Redis that stalls 3 s
+    still answers ready (it was cut at 2 s, 503 "timeout")."""
+    import redis.asyncio as aredis
+
+    sq = await squall(
+        **{
+            "redis.url": redis_url,
+            "redis.prefix": unique_prefix,
+            "redis.ping_timeout": 5,
+            "redis.socket_timeout": 5,
+        }
+    )
+    assert (await get(sq, "/ready")).code == 200
+    admin = aredis.Redis.from_url(redis_url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # type: ignore[no-untyped-call]
+        resp = await get(sq, "/ready")
+    finally:
+        await admin.aclose()
+    assert resp.code == 200, resp.body
+    assert orjson.loads(resp.body)["broker"] == {"ready": True}
