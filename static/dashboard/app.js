@@ -57,6 +57,7 @@ let view = null;       // the selected device's charts and subscription
 let pollTimer = 0;
 let refreshing = false;
 let listFrame = 0;
+const rowsShown = new WeakMap(); // device row (li) -> what it shows (JSON), to skip unchanged rows
 
 // ------------------------------------------------------------------ helpers
 
@@ -280,14 +281,20 @@ function renderDevices() {
     }
     items.delete(id);
     if (list.children[index] !== li) list.insertBefore(li, list.children[index] ?? null);
+    // Every live point re-renders the list: touching every row (and rebuilding its
+    // chips) each time froze the page with a thousand devices, so a row whose
+    // content is unchanged is left alone.
+    const selected = id === state.selected;
+    const shown = JSON.stringify([dev.online, selected, dev.last_seen ?? 0, dev.last_values ?? {}]);
+    if (rowsShown.get(li) === shown) return;
+    rowsShown.set(li, shown);
     li.dataset.online = dev.online ? 'true' : 'false';
-    li.classList.toggle('selected', id === state.selected);
+    li.classList.toggle('selected', selected);
     const button = li.firstChild;
-    button.setAttribute('aria-pressed', id === state.selected ? 'true' : 'false');
+    button.setAttribute('aria-pressed', selected ? 'true' : 'false');
     button.title = dev.online ? `${id}: online` : `${id}: offline`;
     li.querySelector('.last-seen').textContent = ago(dev.last_seen);
     li.querySelector('.last-seen').dataset.ms = String(dev.last_seen ?? 0);
-    const values = li.querySelector('.values');
     const chips = Object.entries(dev.last_values ?? {})
       .sort(([a], [b]) => a.localeCompare(b))
       .map(([metric, value]) => {
@@ -295,14 +302,15 @@ function renderDevices() {
         chip.append(el('span', 'chip-name', metric), el('span', 'chip-value', fmt(value)));
         return chip;
       });
-    values.replaceChildren(...chips);
+    li.querySelector('.values').replaceChildren(...chips);
   });
   for (const li of items.values()) li.remove();
 }
 
 function tickTimes() {
   for (const span of document.querySelectorAll('.last-seen[data-ms]')) {
-    span.textContent = ago(Number(span.dataset.ms));
+    const text = ago(Number(span.dataset.ms));
+    if (span.textContent !== text) span.textContent = text; // each write costs a relayout
   }
 }
 
@@ -330,8 +338,10 @@ function connect() {
   });
   client.on('disconnected', (ctx) => {
     setConn('disconnected', `disconnected: ${ctx.reason} (${ctx.code})`);
-    // 1: the SDK gave up on the token (expired, refused); 3500: the server said invalid token.
-    if (ctx.code === 1 || ctx.code === 3500) rejected(`WebSocket: ${ctx.reason}`);
+    // 1: getToken above refused, which it does only when the token expired (the SDK
+    // says just "unauthorized"); 3500: the server said invalid token.
+    if (ctx.code === 1) rejected('token expired');
+    else if (ctx.code === 3500) rejected(`WebSocket: ${ctx.reason}`);
   });
   client.on('error', (ctx) => {
     const err = ctx.error ?? {};
@@ -383,6 +393,8 @@ function closeView() {
   for (const chart of view.charts.values()) chart.plot?.destroy();
   view = null;
   setSubState('none', '');
+  // Its history and live-update errors go with it (else they stay up until sign-out).
+  clearError('view');
 }
 
 function subscribe(v) {
@@ -406,7 +418,7 @@ function subscribe(v) {
   sub.on('error', (ctx) => {
     const err = ctx.error ?? {};
     setSubState('error', `live updates failed (${err.code ?? '?'})`);
-    showError(`Live updates for ${v.id}: ${err.message ?? 'error'} (${err.code ?? '?'})`);
+    showError(`Live updates for ${v.id}: ${err.message ?? 'error'} (${err.code ?? '?'})`, 'view');
   });
   sub.on('publication', (ctx) => onPublication(v, ctx.data));
   sub.subscribe();
@@ -472,6 +484,7 @@ function addChart(v, metric, backfillTo) {
     t: [], min: [], max: [], sum: [], count: [],
     recent: [], // [ts, value] of live points of the last RECONCILE_LOOKBACK_MS
     ready: false, pending: [], reconciling: false, plot: null, frame: 0,
+    gen: 0, // bumped by each backfill: only the newest one's answer is applied
   };
   v.charts.set(metric, chart);
   if (uPlot) chart.plot = makePlot(chart);
@@ -569,22 +582,25 @@ function foldValue(chart, ts, value) {
 }
 
 async function backfill(v, chart, to) {
+  // A reconnect while an earlier backfill is still loading starts another one: the
+  // older answer must not be appended too (every bucket would be drawn twice).
+  const gen = ++chart.gen;
   const from = Math.floor((to - WINDOW_MS) / STEP_MS) * STEP_MS;
   const query = new URLSearchParams({ metric: chart.metric, from, to, step: STEP_MS });
   try {
     const body = await api(`/api/devices/${encodeURIComponent(v.id)}/telemetry?${query}`);
-    if (v.closed) return;
+    if (v.closed || chart.gen !== gen) return;
     appendBuckets(chart, body.points);
     chart.note.textContent = `${(body.points ?? []).length} buckets of ${STEP_MS / 1000} s, then live`;
     chart.box.dataset.backfilled = String((body.points ?? []).length);
   } catch (err) {
-    if (v.closed) return;
+    if (v.closed || chart.gen !== gen) return;
     if (err.status === 401 || err.status === 403) {
       rejected(err.message);
       return;
     }
     chart.note.textContent = `history unavailable (${err.message}); live only`;
-    showError(`History of ${v.id}/${chart.metric}: ${err.message}`);
+    showError(`History of ${v.id}/${chart.metric}: ${err.message}`, 'view');
   }
   // Go live: fold what arrived meanwhile, skipping what the backfill already counted.
   chart.ready = true;
@@ -615,12 +631,13 @@ function appendBuckets(chart, points) {
 async function reconcile(v, chart) {
   if (!chart.ready || chart.reconciling || v.closed) return;
   chart.reconciling = true;
+  const gen = chart.gen;
   const to = Date.now();
   const from = Math.floor((to - RECONCILE_LOOKBACK_MS) / STEP_MS) * STEP_MS;
   const query = new URLSearchParams({ metric: chart.metric, from, to, step: STEP_MS });
   try {
     const body = await api(`/api/devices/${encodeURIComponent(v.id)}/telemetry?${query}`);
-    if (v.closed || !chart.ready) return; // closed, or a refill started meanwhile
+    if (v.closed || !chart.ready || chart.gen !== gen) return; // closed, or a refill started meanwhile
     let keep = chart.t.findIndex((t) => t >= from);
     if (keep < 0) keep = chart.t.length;
     for (const key of SERIES) chart[key].length = keep;

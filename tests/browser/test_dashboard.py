@@ -22,6 +22,7 @@ charts have history to show.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,7 +39,8 @@ from typing import Any
 import pytest
 
 from tests.helpers.process import SquallProcess, clean_env, run_cli
-from tests.helpers.server import TIME_FACTOR
+from tests.helpers.server import API_KEY, SECRET, TIME_FACTOR
+from tests.helpers.server import token as mint_token
 from tests.helpers.services import REPO, unavailable
 
 SPEC = Path(__file__).with_name("dashboard.spec.mjs")
@@ -85,24 +87,26 @@ def squall_proc() -> Iterator[SquallProcess]:
         assert code == 0, f"squall exited with {code}:\n{proc.log_tail()}"
 
 
-@pytest.fixture
-def simulator(squall_proc: SquallProcess) -> Iterator[subprocess.Popen[bytes]]:
-    """One simulated device sending SIM_HZ points/s for SIM_DURATION s; stopped by pid."""
+@contextlib.contextmanager
+def run_simulator(
+    squall: SquallProcess, devices: int, duration: float
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``devices`` simulated devices sending SIM_HZ points/s for ``duration`` s; stopped by pid."""
     log = Path(tempfile.mkdtemp(prefix="squall-sim-")) / "simulate.log"
     argv = [
         sys.executable,
         "-m",
         "tools.simulate",
         "--url",
-        squall_proc.http_url,
+        squall.http_url,
         "--config",  # its token.hmac_secret mints the device token
-        str(squall_proc.config_path),
+        str(squall.config_path),
         "--devices",
-        str(SIM_DEVICES),
+        str(devices),
         "--hz",
         str(SIM_HZ),
         "--duration",
-        str(SIM_DURATION),
+        str(duration),
         "--bad-rate",  # no deliberate bad points or silent spells: the test times live points
         "0",
         "--gap-rate",
@@ -125,6 +129,12 @@ def simulator(squall_proc: SquallProcess) -> Iterator[subprocess.Popen[bytes]]:
                 proc.wait(10)
         if proc.returncode not in (0, -15):
             print(f"simulator exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture
+def simulator(squall_proc: SquallProcess) -> Iterator[subprocess.Popen[bytes]]:
+    with run_simulator(squall_proc, SIM_DEVICES, SIM_DURATION) as proc:
+        yield proc
 
 
 def wait_online_device(
@@ -202,3 +212,80 @@ def test_dashboard_shows_live_device(squall_proc, simulator):
     assert summary["errors"] == []
     for shot in shots:
         assert shot.stat().st_size > 10_000, shot
+
+
+FAULTS_SPEC = Path(__file__).with_name("dashboard_faults.spec.mjs")
+QUIET_DEVICES = 300  # listed devices besides the live one
+QUIET_METRICS = 16  # metrics of each: 4 800 chips in the list
+
+
+def post_quiet_devices(squall: SquallProcess) -> str:
+    """QUIET_DEVICES devices that report once (POST /api/telemetry); the first one's id."""
+    ids = [f"quiet-{i:03d}" for i in range(QUIET_DEVICES)]
+    now = int(time.time() * 1000)
+    for i, dev in enumerate(ids):
+        body = json.dumps(
+            [{"ts": now, "values": {f"m{k:02d}": i + k / 10 for k in range(QUIET_METRICS)}}]
+        ).encode()
+        req = urllib.request.Request(  # noqa: S310 - loopback http
+            f"{squall.http_url}/api/telemetry",
+            data=body,
+            method="POST",
+            headers={"Authorization": f"Bearer {mint_token(dev, extra={'device': True})}"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310 - loopback http
+            assert resp.status == 202, resp.read()
+    return ids[0]
+
+
+@pytest.mark.timeout(180)
+def test_dashboard_faults():
+    """Error banners, many devices, reconnects during a slow history reload, token expiry.
+
+    See ``dashboard_faults.spec.mjs`` for the steps and the bug each one caught.
+    """
+    node = require_browser()
+    # Quiet devices stay "online" for the whole test: their rows must not change.
+    squall = SquallProcess(overrides={"telemetry.online_timeout": 3600}).start()
+    try:
+        squall.wait_ready()
+        dash = mint_token("dash", extra={"devices": ["*"]})
+        with run_simulator(squall, 1, 120) as sim:
+            device = wait_online_device(squall.http_url, dash, sim)["id"]
+            other = post_quiet_devices(squall)  # after: the first online device is the live one
+            env = clean_env(
+                {
+                    "SQUALL_URL": squall.http_url,
+                    "SQUALL_TOKEN": dash,
+                    "SQUALL_USER": "dash",
+                    "SQUALL_API_KEY": API_KEY,
+                    "SQUALL_SECRET": SECRET,
+                    "SQUALL_DEVICE": device,
+                    "SQUALL_OTHER": other,
+                    "SQUALL_CHROMIUM": CHROMIUM,
+                }
+            )
+            run = subprocess.run(
+                [node, str(FAULTS_SPEC)],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120 * TIME_FACTOR,
+                check=False,
+            )
+    finally:
+        code = squall.stop()
+    lines = run.stdout.strip().splitlines()
+    assert lines, f"no output from the browser script (exit {run.returncode}):\n{run.stderr}"
+    summary = json.loads(lines[-1])
+    print("browser summary:", json.dumps(summary, indent=2))
+    why = (
+        f"{summary.get('error')}\nsteps done: {summary.get('steps')}\n"
+        f"browser problems: {summary.get('problems')}\n{run.stderr[-3000:]}\n"
+        f"squall log:\n{squall.log_tail()}"
+    )
+    assert summary["ok"], why
+    assert run.returncode == 0, why
+    assert summary["rows"] == QUIET_DEVICES + 1
+    assert code == 0, f"squall exited with {code}:\n{squall.log_tail()}"

@@ -1,0 +1,203 @@
+// The dashboard under faults, in headless Chromium (playwright-core, the system's
+// /usr/bin/chromium). Run by tests/browser/test_dashboard.py
+// (test_dashboard_faults), which starts Squall, fills it with many quiet devices
+// and runs the simulator for one live device.
+//
+// Environment:
+//   SQUALL_URL          base URL of a running Squall (required)
+//   SQUALL_TOKEN        dashboard token (claim devices) of user SQUALL_USER (required)
+//   SQUALL_USER         that token's sub: the server API disconnects it (required)
+//   SQUALL_API_KEY      the server API key (required)
+//   SQUALL_SECRET       token.hmac_secret: a short-lived token is minted here (required)
+//   SQUALL_DEVICE       the live device (required)
+//   SQUALL_OTHER        a quiet device (required)
+//   SQUALL_CHROMIUM     browser binary (default /usr/bin/chromium)
+//
+// Steps, each failing with a message naming what was expected:
+//   1. a history query failing (503) shows an error banner, which goes away
+//      with the device it was about;
+//   2. with many devices listed, live points of the selected device do not
+//      rebuild the other rows (that froze the page with a thousand devices);
+//   3. two reconnects in a row while the history reload is slow: no bucket is
+//      drawn twice (both reloads used to be appended);
+//   4. a token that expires while the page is open signs out saying so.
+// The last stdout line is a JSON summary; the exit code is 0 only if every step passed.
+
+import { createHmac } from 'node:crypto';
+import { chromium } from 'playwright-core';
+
+const env = (name) => {
+  const value = process.env[name];
+  if (!value) {
+    console.error(`dashboard_faults.spec: ${name} is required`);
+    process.exit(2);
+  }
+  return value;
+};
+const base = env('SQUALL_URL').replace(/\/$/, '');
+const token = env('SQUALL_TOKEN');
+const user = env('SQUALL_USER');
+const apiKey = env('SQUALL_API_KEY');
+const secret = env('SQUALL_SECRET');
+const device = env('SQUALL_DEVICE');
+const other = env('SQUALL_OTHER');
+const executablePath = process.env.SQUALL_CHROMIUM || '/usr/bin/chromium';
+const SLOW_HISTORY_MS = 4000; // longer than the SDK's first reconnect delay
+
+function check(condition, message) {
+  if (!condition) throw new Error(message);
+}
+
+function hs256(claims) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+  const head = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
+async function disconnectUser() {
+  const resp = await fetch(`${base}/api/disconnect`, {
+    method: 'POST',
+    headers: { 'X-API-Key': apiKey },
+    body: JSON.stringify({ user, disconnect: { code: 4000, reason: 'test reconnect' } }),
+  });
+  check(resp.ok, `server API disconnect: HTTP ${resp.status}`);
+}
+
+const summary = { device, steps: [] };
+const problems = [];
+const browser = await chromium.launch({
+  executablePath,
+  headless: true,
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+    '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  timeout: 30_000,
+});
+let exitCode = 0;
+try {
+  const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
+  const page = await context.newPage();
+  page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
+  const row = (id) => page.locator(`li.device[data-device-id="${id}"]`);
+  const resubscribed = () =>
+    page.waitForFunction(
+      () => window.__squall.conn === 'connected' && window.__squall.subscription === 'subscribed',
+      null,
+      { timeout: 30_000, polling: 50 },
+    );
+
+  await page.goto(`${base}/dashboard/#token=${encodeURIComponent(token)}`);
+  await row(device).and(page.locator('[data-online="true"]')).waitFor({ timeout: 15_000 });
+  await row(other).waitFor({ timeout: 5_000 });
+  await page.locator('#conn[data-state="connected"]').waitFor({ timeout: 10_000 });
+
+  // 1. The first history query of the device fails: a banner, gone with the device.
+  let failed = false;
+  await page.route(`**/api/devices/${encodeURIComponent(device)}/telemetry?*`, async (route) => {
+    if (failed) return route.continue();
+    failed = true;
+    return route.fulfill({
+      status: 503,
+      contentType: 'application/json',
+      body: JSON.stringify({ error: { code: 1001, message: 'store unavailable' } }),
+    });
+  });
+  await row(device).locator('button').click();
+  await page.locator('#error').filter({ hasText: `History of ${device}/` }).waitFor({ timeout: 10_000 });
+  summary.steps.push('history error shown');
+
+  // 2. Live points with many rows listed: count the chips added to other rows.
+  await page.evaluate((id) => {
+    window.__otherChips = 0;
+    new MutationObserver((records) => {
+      for (const rec of records) {
+        for (const node of rec.addedNodes) {
+          if (node.classList?.contains('chip') && node.closest('li')?.dataset.deviceId !== id) {
+            window.__otherChips += 1;
+          }
+        }
+      }
+    }).observe(document.getElementById('device-list'), { childList: true, subtree: true });
+  }, device);
+  const liveBefore = await page.evaluate(() => window.__squall.livePoints);
+  await page.waitForTimeout(3000);
+  const rows = await page.locator('li.device').count();
+  const liveDuring = (await page.evaluate(() => window.__squall.livePoints)) - liveBefore;
+  const otherChips = await page.evaluate(() => window.__otherChips);
+  Object.assign(summary, { rows, liveDuring, otherChips });
+  check(liveDuring > 0, 'no live points while watching the device list');
+  check(otherChips === 0, `${otherChips} chips of other devices rebuilt by ${liveDuring} live points`);
+  summary.steps.push('other rows left alone');
+
+  await row(other).locator('button').click();
+  await page.locator('#detail-title').filter({ hasText: other }).waitFor({ timeout: 5_000 });
+  check(
+    await page.locator('#error').isHidden(),
+    `error banner still shown for the device left: ${await page.locator('#error').textContent()}`,
+  );
+  summary.steps.push('history error cleared');
+
+  // 3. Slow history, two reconnects in a row: each reload replaces, never adds.
+  await page.unrouteAll();
+  await page.route('**/api/devices/*/telemetry?*', async (route) => {
+    await new Promise((resolve) => setTimeout(resolve, SLOW_HISTORY_MS));
+    await route.continue().catch(() => {}); // the page may have moved on
+  });
+  await row(device).locator('button').click();
+  await resubscribed();
+  await page.locator('#charts .chart[data-backfilled]').first().waitFor({ timeout: 3 * SLOW_HISTORY_MS });
+  await page.evaluate(() => {
+    // Sample every chart's buckets: bucket times must stay strictly increasing.
+    window.__bad = [];
+    window.__sampler = setInterval(() => {
+      for (const fig of document.querySelectorAll('#charts .chart')) {
+        const t = window.__squall.series(fig.dataset.metric)?.t ?? [];
+        for (let i = 1; i < t.length; i += 1) {
+          if (t[i] <= t[i - 1]) {
+            window.__bad.push(`${fig.dataset.metric}: bucket ${t[i]} after ${t[i - 1]}`);
+            break;
+          }
+        }
+      }
+    }, 100);
+  });
+  await disconnectUser();
+  await page.waitForFunction(() => window.__squall.conn !== 'connected', null, { polling: 20 });
+  await resubscribed(); // the first reload starts now...
+  await disconnectUser(); // ...and the second one before it is in
+  await page.waitForFunction(() => window.__squall.conn !== 'connected', null, { polling: 20 });
+  await resubscribed();
+  await page.waitForTimeout(SLOW_HISTORY_MS * 2); // both reloads answered
+  const bad = await page.evaluate(() => {
+    clearInterval(window.__sampler);
+    return window.__bad;
+  });
+  summary.backfilled = await page
+    .locator('#charts .chart')
+    .evaluateAll((els) => els.map((e) => Number(e.dataset.backfilled ?? -1)));
+  check(summary.backfilled.length > 0 && summary.backfilled.every((n) => n > 0),
+    `charts not reloaded: ${summary.backfilled}`);
+  check(bad.length === 0, `buckets drawn twice after two reconnects:\n${bad.slice(0, 5).join('\n')}`);
+  summary.steps.push('reconnects: no duplicated buckets');
+  await page.unrouteAll({ behavior: 'ignoreErrors' });
+
+  // 4. A token expiring in a few seconds: signed out with "token expired".
+  const short = hs256({ sub: user, devices: ['*'], exp: Math.floor(Date.now() / 1000) + 4 });
+  await page.goto(`${base}/dashboard/#token=${short}`);
+  await page.locator('#signin').waitFor({ state: 'visible', timeout: 20_000 });
+  const banner = (await page.locator('#error').textContent()) ?? '';
+  summary.expiredBanner = banner;
+  check(/token expired/.test(banner), `expiry banner does not say why: ${banner}`);
+  summary.steps.push('expiry explained');
+
+  check(problems.length === 0, `browser problems:\n${problems.join('\n')}`);
+  summary.ok = true;
+} catch (err) {
+  summary.ok = false;
+  summary.error = err.message;
+  summary.problems = problems;
+  exitCode = 1;
+} finally {
+  await browser.close();
+}
+console.log(JSON.stringify(summary));
+process.exit(exitCode);
