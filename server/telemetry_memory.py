@@ -40,9 +40,10 @@ class _Bucket:
 
 
 class _Device:
-    __slots__ = ("buckets", "last", "last_seen")
+    __slots__ = ("buckets", "last", "last_seen", "listed")
 
     def __init__(self) -> None:
+        self.listed = True  # false once retention forgot the device (its buckets may remain)
         self.last_seen = 0
         self.last: dict[str, tuple[int, float]] = {}  # metric -> (ts, value)
         self.buckets: dict[int, _Bucket] = {}  # bucket start -> bucket
@@ -75,6 +76,7 @@ class MemoryTelemetryStore:
         dev = self._devices.get(device)
         if dev is None:
             dev = self._devices[device] = _Device()
+        dev.listed = True
         dev.last_seen = max(dev.last_seen, seen)
         for point in points:
             start = bucket_start(point.ts, self._bucket_ms)
@@ -129,6 +131,7 @@ class MemoryTelemetryStore:
         return [
             DeviceState(name, dev.last_seen, {m: v for m, (_, v) in dev.last.items()})
             for name, dev in self._devices.items()
+            if dev.listed
         ]
 
     async def retain(self, now: int) -> int:
@@ -142,7 +145,15 @@ class MemoryTelemetryStore:
                 del dev.buckets[b]
             deleted += len(old)
             if dev.last_seen <= cutoff:
-                del self._devices[name]
+                # Forget the device, not its points: a point's ts may be up to
+                # max_skew after the frame was seen, so its bucket can outlive
+                # the device; the Mongo store deletes its document only.
+                if dev.buckets:
+                    dev.listed = False
+                    dev.last_seen = 0
+                    dev.last.clear()
+                else:
+                    del self._devices[name]
         return deleted
 
     async def seal(self, now: int) -> int:

@@ -339,6 +339,25 @@ async def test_retention_drops_old_buckets_and_silent_devices(tstore: TelemetryS
     assert await tstore.query("old", "v", *day) == []
 
 
+async def test_retention_keeps_points_of_a_forgotten_device(tstore: TelemetryStore):
+    """A point's ts may lie after the frame's server time (up to max_skew), so its
+    bucket can outlive the device: retention forgets the device but keeps those points
+    until their bucket expires (the memory store dropped them with the device)."""
+    ahead = T0 + 3 * BUCKET_MS  # sent at T0 by a device whose clock runs ahead
+    await tstore.add("ahead", [Point(T0, {"v": 1.0}), Point(ahead, {"v": 2.0})], T0)
+    await written(tstore)
+    assert await tstore.retain(T0 + MS_PER_DAY + BUCKET_MS) == 1  # the bucket of T0
+    assert await tstore.devices() == []  # not seen for a day
+    day = (T0, T0 + 2 * MS_PER_DAY, MS_PER_DAY)
+    assert [(s.count, s.max) for s in await tstore.query("ahead", "v", *day)] == [(1, 2.0)]
+    await tstore.add("ahead", [Point(ahead + 1, {"w": 3.0})], T0 + MS_PER_DAY + BUCKET_MS)
+    await written(tstore)
+    [dev] = await tstore.devices()  # seen again: listed with the values sent since
+    assert dev.last_values == {"w": 3.0}
+    assert await tstore.retain(T0 + MS_PER_DAY + 4 * BUCKET_MS) == 1
+    assert [s.count for s in await tstore.query("ahead", "v", *day)] == []
+
+
 async def test_status_reports_ready(tstore: TelemetryStore):
     """A started store is ready, and drains its queue to zero."""
     await tstore.add("d", series(5), T0)
