@@ -185,6 +185,7 @@ MAX_CHUNK_CELLS: Final = 4096  # points x metric columns in one chunk (values an
 MAX_CHUNK_BYTES: Final = 1 << 20  # estimated BSON size of one chunk (the server allows 16 MiB)
 CELL_BYTES: Final = 16  # BSON array element, at most: type, index (<= 5 digits + NUL), 8 bytes
 COLUMN_BYTES: Final = 8  # BSON per column besides its name: type, NUL, array length and end
+MAX_SKIPPED: Final = 1000  # summarized buckets one chunk query skips ($nin) between stretches
 SUMMARY_METRICS: Final = 2048  # metrics of a bucket past which it is not summarized (stays exact)
 
 
@@ -545,22 +546,40 @@ class MongoTelemetryStore:
             lo = max(lo, b + self._bucket_ms)
         if lo < end:
             stretches.append((lo, end))
-        stored: set[int] = set()
+        # Few finds for all of them: a step that is not a whole number of buckets
+        # leaves a stretch per step (300 with the default step), and a find each
+        # took a minute on FerretDB, which scans the collection for every one. A
+        # find spans consecutive stretches and skips the summarized buckets between
+        # them ($nin; $or of ranges is as slow on FerretDB), at most MAX_SKIPPED.
+        skipped = set(summarized)
+        groups: list[tuple[int, int, list[int]]] = []  # first, last bucket; buckets skipped
         for lo, hi in stretches:
             b_lo, b_hi = bucket_range(lo, hi, self._bucket_ms)
-            chunks = await self._run(
-                points.find(
-                    {"d": device, "b": {"$gte": b_lo, "$lte": b_hi}},
-                    {"ts": 1, "w": 1, f"v.{key}": 1},
-                ).to_list(None)
-            )
-            for ts, chunk, i in chunk_points(chunks):
-                if not lo <= ts < hi:
+            if groups:
+                g_lo, g_hi, gap = groups[-1]
+                between = range(g_hi + self._bucket_ms, b_lo, self._bucket_ms)  # summarized
+                if len(gap) + len(between) <= MAX_SKIPPED:
+                    groups[-1] = (g_lo, b_hi, [*gap, *between])
                     continue
-                stored.add(ts)
-                column = (chunk.get("v") or {}).get(key)
-                if column is not None and i < len(column) and column[i] is not None:
-                    ds.add_value(ts, float(column[i]))
+            groups.append((b_lo, b_hi, []))
+        chunks: list[dict[str, Any]] = []
+        for b_lo, b_hi, gap in groups:
+            span: dict[str, Any] = {"$gte": b_lo, "$lte": b_hi}
+            if gap:
+                span["$nin"] = gap
+            chunks += await self._run(
+                points.find({"d": device, "b": span}, {"ts": 1, "w": 1, f"v.{key}": 1}).to_list(
+                    None
+                )
+            )
+        stored: set[int] = set()
+        for ts, chunk, i in chunk_points(chunks):
+            if not start <= ts < end or bucket_start(ts, self._bucket_ms) in skipped:
+                continue
+            stored.add(ts)
+            column = (chunk.get("v") or {}).get(key)
+            if column is not None and i < len(column) and column[i] is not None:
+                ds.add_value(ts, float(column[i]))
         for ts, value in queued.items():
             if ts not in stored:
                 ds.add_value(ts, value)
