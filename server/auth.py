@@ -157,6 +157,8 @@ class TokenVerifier:
         sub = claims.get("sub", "")
         if not isinstance(sub, str):
             raise TokenError("sub claim must be a string")
+        if not _unicode(sub):
+            raise TokenError("sub claim is not valid Unicode")
         _expiry(claims)  # raises for a bad exp
         return claims
 
@@ -181,7 +183,9 @@ class TokenVerifier:
     def _verify_connection(self, token: str) -> Credentials:
         claims = self._decode(token)
         channels = claims.get("channels", [])
-        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        if not isinstance(channels, list) or not all(
+            isinstance(c, str) and _unicode(c) for c in channels
+        ):
             raise TokenError("channels claim must be a list of strings")
         meta = claims.get("meta", {})
         if not isinstance(meta, dict):
@@ -235,6 +239,20 @@ def _expiry(claims: Mapping[str, Any]) -> int:
     if exp > MAX_EXP:
         raise TokenError("exp claim out of range")
     return math.floor(exp)
+
+
+def _unicode(text: str) -> bool:
+    """Whether ``text`` is valid Unicode. A token's JSON may hold a lone surrogate
+    (``"\\ud800"``) that no JSON reply or BSON document can carry: as a user or
+    device id it made every reply naming it fail (``GET /api/devices`` a 500 for
+    every dashboard that may see the device)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _raw_json(claims: dict[str, Any], key: str) -> bytes | None:

@@ -110,6 +110,23 @@ async def test_token_issued_by_a_clock_ahead_of_ours_is_accepted(squall):
     assert await subscribed(c, ch, token=token("alice", channel=ch, extra=ahead, ttl=None)) == {}
 
 
+async def test_token_naming_a_user_or_channel_no_reply_can_carry_is_invalid(squall):
+    """A lone surrogate in sub or in a channels entry (valid JSON, so a signed token)
+    is an invalid token (3500): no JSON reply can carry it. As a user id it reached
+    the join pushes and presence of every channel the connection joined."""
+    sq = await squall()
+    bystander = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    await subscribed(bystander, ch)
+    for bad in (token("al\ud800ice"), token("alice", extra={"channels": ["chat:\udfff"]})):
+        c = await sq.raw()
+        with expect_log("squall.client", r"disconnect code=3500.*not valid Unicode|strings"):
+            reply = await c.command("connect", {"token": bad})
+        assert reply == {"closed": 3500, "reason": "invalid token"}
+    reply = await bystander.command("presence", {"channel": ch})
+    assert len(reply["presence"]["presence"]) == 1, reply
+
+
 async def test_connect_without_pings_configured(squall):
     """With client.ping_interval 0 the connect reply announces no pings."""
     sq = await squall(**{"client.ping_interval": 0})

@@ -349,6 +349,22 @@ async def test_http_ingest_refuses_a_bad_token_before_reading_the_body(squall, a
     assert code == 202
 
 
+async def test_http_ingest_refuses_a_device_id_that_is_not_valid_unicode(squall):
+    """A sub with a lone surrogate (valid JSON, so a signed token) is an invalid token,
+    401: stored, it made GET /api/devices a 500 for every dashboard that may see it."""
+    sq = await squall()
+    code, body, _ = await http(
+        sq, "POST", "/api/telemetry", tok=device_token("pump-\ud800"), body={"values": {"v": 1}}
+    )
+    assert code == 401, body
+    code, body, _ = await http(
+        sq, "POST", "/api/telemetry", tok=device_token("pump-\u00e9"), body={"values": {"v": 1}}
+    )
+    assert code == 202
+    code, body, _ = await http(sq, "GET", "/api/devices", tok=dashboard_token())
+    assert (code, [d["id"] for d in body["devices"]]) == (200, ["pump-\u00e9"])
+
+
 async def test_http_ingest_bad_bodies(squall):
     """Invalid JSON (NaN included), an empty list and an all-invalid batch are 400."""
     sq = await squall(**{"telemetry.max_points_per_frame": 3})
