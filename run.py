@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "token":
         return print_token(config, args)
+    # Import the server and its engines' drivers before the loop runs: inside it, the
+    # imports (a few tenths of a second with redis-py or PyMongo) block the loop.
+    import server.app  # noqa: F401
+    from server.engines import preload
+
+    preload(config)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # a value only an engine can check (e.g. a bad redis.url)

@@ -40,6 +40,25 @@ def redact(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", url)
 
 
+def preload(config: Config) -> None:
+    """Import the modules (and drivers) ``make_engines`` will use for ``config``.
+
+    Call before the event loop starts: importing redis-py or PyMongo takes a
+    tenth of a second or more, and done inside the loop it blocks it (asyncio's
+    debug mode reports it as a slow callback).
+    """
+    if config.redis.url:
+        import server.broker_redis
+    if config.mongodb.url:
+        import server.store_mongo
+        import server.telemetry_mongo  # noqa: F401
+
+        if config.mongodb.driver == "motor":
+            import motor.motor_asyncio  # noqa: F401
+        else:
+            import pymongo  # noqa: F401
+
+
 def make_engines(config: Config, *, node_id: str) -> Engines:
     broker: Broker
     presence: PresenceManager

@@ -241,6 +241,29 @@ def test_engine_url_of_the_wrong_form_exits_2_with_one_line_naming_the_key(tmp_p
 
 
 @pytest.mark.parametrize(
+    ("yaml_text", "code"),
+    [
+        ("redis: {url: 'http://127.0.0.1:6379'}", 2),
+        ("mongodb: {url: 'http://127.0.0.1:1'}", 1),
+        ("mongodb: {url: 'http://127.0.0.1:1', driver: motor}", 1),
+    ],
+)
+def test_start_up_imports_do_not_block_the_event_loop(tmp_path, yaml_text, code):
+    """The server and its engine drivers are imported before the loop starts: in the
+    loop, importing redis-py took ~0.3 s, and asyncio's debug mode (on in CI) logged
+    the start-up as a slow callback. (Each URL is refused, so the run ends at once.)"""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text + "\n", encoding="utf-8")
+    result = run_cli(
+        ["--config", str(path), "--port", str(free_port())],
+        env={"PYTHONASYNCIODEBUG": "1"},
+        timeout=20,
+    )
+    assert result.returncode == code, result.stderr
+    assert "Executing <" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
     ("args", "option"),
     [
         (["--log-level", "verbose"], "--log-level"),
