@@ -2,7 +2,7 @@
 
     python -m tools.simulate --url http://127.0.0.1:8000 --devices 10 --hz 5 \\
         [--duration 60] [--transport ws|http] [--batch 1] \\
-        [--secret S | --token-cmd 'python run.py token --sub {device} --device'] \\
+        [--secret S | --token-cmd '.venv/bin/python run.py token --sub {device} --device'] \\
         [--config config.yaml] [--prefix sim-] [--bad-rate 0.01] [--gap-rate 0.002] [--seed N]
 
 Each device sends ``--hz`` points per second (``--batch`` points per frame)
