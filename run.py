@@ -188,6 +188,14 @@ async def serve(config: Config) -> None:
         log.warning("api.key is the development default: set SQUALL_API_KEY")
     if not config.api.key:
         log.warning("api.key is empty: the server API refuses every request")
+    token = config.token
+    if not (token.hmac_secret or token.rsa_public_key or token.ecdsa_public_key):
+        # Every connect with a token then ends in 3500 with nothing in the log to say
+        # why: a config of one's own (--config) has no development secret to fall back on.
+        log.warning(
+            "no token key is set (token.hmac_secret, rsa_public_key, ecdsa_public_key): "
+            "every token is refused"
+        )
     await hub.start()
     server = make_server(app, config)
     # A deep accept backlog (bind_sockets above): reconnect storms (every client of a

@@ -477,6 +477,10 @@ def check_mongo(cfg: MongoConfig) -> None:
         )
     if not cfg.collection:
         raise ConfigError("mongodb.collection: must not be empty")
+    if not cfg.database:
+        # Else MongoDB refuses the name only when the store starts (exit 1, "cannot start"),
+        # e.g. for SQUALL_MONGODB_DATABASE set to nothing.
+        raise ConfigError("mongodb.database: must not be empty")
     if cfg.driver not in ("pymongo", "motor"):
         raise ConfigError(f"mongodb.driver: expected 'pymongo' or 'motor', got {cfg.driver!r}")
 

@@ -97,6 +97,7 @@ def test_invalid_config_exits_2_with_one_line_naming_the_key(tmp_path):
         ),
         ("api: {key: schlüssel}\n", {}, "api.key"),
         ("", {"SQUALL_API_KEY": "schlüssel"}, "api.key"),
+        ("", {"SQUALL_MONGODB_DATABASE": ""}, "mongodb.database"),
     ],
 )
 def test_unusable_values_exit_2_with_one_line_naming_the_key(tmp_path, text, env, key):
@@ -113,6 +114,20 @@ def test_unusable_values_exit_2_with_one_line_naming_the_key(tmp_path, text, env
     assert lines[0].startswith(f"squall: invalid configuration: {key}"), lines[0]
     assert "schlüssel" not in lines[0]
     assert result.stdout == ""
+
+
+def test_no_token_key_is_logged_at_start_up(procs):
+    """A config without any token key (one's own --config, where README's quick start
+    has the shipped development secret) refuses every token with 3500: the start-up
+    log says so, as it does for an empty api.key, instead of nothing at all."""
+    proc = procs(overrides={"token.hmac_secret": ""}).start()
+    proc.wait_ready()
+    assert proc.stop(timeout=10) == 0
+    assert "WARNING squall no token key is set" in proc.log_text()
+    keyed = procs().start()
+    keyed.wait_ready()
+    assert keyed.stop(timeout=10) == 0
+    assert "no token key is set" not in keyed.log_text()
 
 
 async def test_token_command_prints_tokens_the_server_accepts(procs):
