@@ -138,7 +138,9 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
             print("squall: --info must be JSON", file=sys.stderr)
             return 2
     if args.channels:
-        extra["channels"] = [c for c in args.channels.split(",") if c]
+        # Spaces after commas are dropped, as for --devices: " chat:lobby" would name
+        # the unknown namespace " chat", and the server-side subscription be skipped.
+        extra["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
     if args.device:
         extra["device"] = True
     if args.devices:

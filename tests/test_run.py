@@ -171,6 +171,22 @@ async def test_token_command_prints_tokens_the_server_accepts(procs):
         client.close()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "claim"),
+    [("--channels", "news, chat:lobby", "channels"), ("--devices", "pump-*, fan-2", "devices")],
+)
+def test_token_command_lists_ignore_spaces_after_commas(tmp_path, option, value, claim):
+    """`--channels 'news, chat:lobby'` subscribes to chat:lobby, as `--devices` already
+    took 'pump-*, fan-2': " chat:lobby" named an unknown namespace, and the connect
+    reply left it out without a word."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"token": {"hmac_secret": SECRET}}), encoding="utf-8")
+    result = run_cli(["--config", str(path), "token", "--sub", "alice", option, value])
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])
+    assert claims[claim] == [v.strip() for v in value.split(",")]
+
+
 def test_squall_port_env_overrides_the_config_port(procs):
     """SQUALL_PORT wins over server.port from the config file."""
     env_port, file_port = free_port(), free_port()
