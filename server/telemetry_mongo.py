@@ -754,7 +754,13 @@ class MongoTelemetryStore:
                 if not dirty:
                     self._drained.set()
                     self._wakeup.clear()
-                    await self._wakeup.wait()
+                    if self._avail.ready or self._closing:
+                        await self._wakeup.wait()
+                    elif not await _wait(self._wakeup, self._idle_check_interval()):
+                        # Marked down by a read (a query, a sealing or retention pass)
+                        # while nothing is queued: no write would ever mark it up again,
+                        # and /ready would stay 503 after the server is back.
+                        await self._ping()
                     continue
                 wait = self._device_wait(dirty)
                 if wait > 0 and not self._closing:
@@ -1056,8 +1062,27 @@ class MongoTelemetryStore:
         errors: list[dict[str, Any]] = list(reply.get("writeErrors") or [])
         return errors
 
+    def _idle_check_interval(self) -> float:
+        return self._mongo.ping_interval or self._mongo.retry_max_delay
+
+    async def _ping(self) -> None:
+        """Whether the server answers again, for a store marked down while idle."""
+        from pymongo.errors import PyMongoError
+
+        if self._client is None:
+            return
+        try:
+            await self._client.db.command("ping")
+        except asyncio.CancelledError:
+            raise
+        except PyMongoError as exc:
+            self._mark_down(exc)
+        else:
+            self._mark_up()
+
     def _mark_down(self, exc: BaseException) -> None:
         self._avail.down(self._describe(exc), len(self._queue))
+        self._wakeup.set()  # an idle flusher starts checking for the server's return
 
     def _mark_up(self) -> None:
         self._avail.up(len(self._queue))

@@ -16,12 +16,14 @@ from typing import Any
 
 import orjson
 import pytest
+import tornado.httpclient
 from pymongo import AsyncMongoClient
 
 from tests.cluster import Sdk, api, api_ok, subscribed, take, until
 from tests.e2e import ready, store_overrides, stored
 from tests.helpers import services
 from tests.helpers.process import ProcessGroup, close_checked
+from tests.helpers.server import TIME_FACTOR, token
 
 QUEUE_SIZE = 6  # mongodb.queue_size: publications the process may hold while the DB is down
 REFUSED = 3  # publications the test sends into the full queue
@@ -273,3 +275,40 @@ async def test_history_remove_while_the_database_is_down_answers_100_in_json(
 
 async def _removed(proc: Any, channel: str) -> bool:
     return "result" in await api(proc, "history_remove", {"channel": channel})
+
+
+async def test_telemetry_store_marked_down_by_a_query_is_ready_again_without_points(
+    ferretdb: services.ServiceProcess, procs: ProcessGroup, unique_prefix: str
+) -> None:
+    """A dashboard query during an outage marks the telemetry store down; once the database
+    is back /ready turns 200 again by itself, with no device sending points (it stayed 503
+    until some device's points were written)."""
+    url = f"mongodb://127.0.0.1:{ferretdb.port}/"
+    proc = procs(overrides=store_overrides(url, unique_prefix))
+    proc.start()
+    await proc.wait_ready_async(path="/ready")
+    http = tornado.httpclient.AsyncHTTPClient()
+    dashboard = {"Authorization": f"Bearer {token('alice', extra={'devices': ['*']})}"}
+
+    async def devices() -> int:
+        resp = await http.fetch(
+            f"{proc.http_url}/api/devices",
+            headers=dashboard,
+            raise_error=False,
+            request_timeout=5.0 * TIME_FACTOR,
+        )
+        return int(resp.code)
+
+    assert await devices() == 200
+    ferretdb.kill()
+    assert await devices() == 503  # the query fails, and marks the telemetry store down
+    code, body = await ready(proc)
+    assert (code, body["telemetry"]["ready"]) == (503, False)
+    ferretdb.start()
+
+    async def telemetry_ready() -> bool:
+        code, body = await ready(proc)
+        return code == 200 and body["telemetry"]["ready"] is True
+
+    await until(telemetry_ready, within=10, what="/ready 200 with the database back")
+    assert await devices() == 200
