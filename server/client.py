@@ -551,6 +551,12 @@ class Client:
                 if self.closed:
                     return None
                 log.warning("server-side subscribe %s failed: %s", channel, exc.message)
+                if exc.error.temporary:
+                    # Broker or store unavailable: fail the connect (temporary, the SDK
+                    # reconnects with backoff), as Centrifugo does. Connected without
+                    # the channel, the client would never be subscribed to it again.
+                    self._undo_connect(list(subs))
+                    raise
                 continue
             if self.closed:  # ended while subscribing: nothing more to set up
                 return None
@@ -571,6 +577,18 @@ class Client:
                 after()
 
         return result, activate
+
+    def _undo_connect(self, channels: list[str]) -> None:
+        """Back to the state before ``connect``: its subscriptions and timers undone."""
+        for channel in channels:
+            self._hub.remove_subscription(self, channel)
+        self.state = State.CONNECTING
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._stale_timer = self._loop.call_later(
+            self._hub.config.client.connect_timeout, self._stale
+        )
 
     async def _cmd_refresh(self, p: Mapping[str, Any]) -> Result:
         token = p.get("token")

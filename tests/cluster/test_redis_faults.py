@@ -30,6 +30,7 @@ from tests.cluster import (
 )
 from tests.helpers import services
 from tests.helpers.process import SquallCluster, SquallProcess, close_checked
+from tests.helpers.server import token
 
 PACE = 0.01  # seconds between one publisher's publications (load shape, not synchronisation)
 
@@ -327,3 +328,30 @@ async def test_history_remove_while_redis_is_down_answers_100_in_json(redis_serv
     )
     assert [list(r) for r in batch["replies"]] == [["error"], ["error"]], batch
     assert batch["replies"][0]["error"]["code"] == 100, batch
+
+
+async def test_connect_with_token_channels_while_redis_is_down_fails_and_is_retried(
+    redis_server, cluster, sdk
+):
+    """A connect whose token lists a channel that cannot be subscribed now (Redis down) gets
+    error 100 (temporary) and the SDK reconnects until it can; it used to connect without the
+    channel and never receive its publications."""
+    (a,) = await cluster.start_async(1)
+    redis_server.kill()
+    await until(lambda: _status_is(a, "/ready", 503), what="/ready 503")
+    tok = token("alice", extra={"channels": ["chat:srv", "ticker"]})
+    client, events = sdk.client(a.ws_url, "alice", token=tok)
+    await client.connect()
+    error = await events.next("error")
+    assert (error.error.code, error.error.temporary) == (100, True)
+    assert events.drain("connected") == []
+
+    redis_server.start()
+    await events.next("connected", within=10)
+    channels = {(await events.next("subscribed")).channel for _ in range(2)}
+    assert channels == {"chat:srv", "ticker"}
+    await api_ok(a, "publish", {"channel": "chat:srv", "data": {"n": 1}})
+    pub = await events.next("publication")
+    assert (pub.channel, pub.pub.data) == ("chat:srv", {"n": 1})
+    presence = await api_ok(a, "presence_stats", {"channel": "chat:srv"})
+    assert presence == {"num_clients": 1, "num_users": 1}  # the failed attempts left nothing
