@@ -4,7 +4,8 @@ Only the algorithms whose keys are configured are accepted: HS256 with
 ``token.hmac_secret``, RS256 with ``token.rsa_public_key``, ES256 with
 ``token.ecdsa_public_key``. ``alg: none`` and every other algorithm are
 rejected before any signature check. ``exp`` and ``nbf`` are always checked
-when present (NumericDates, fractions allowed); ``aud``/``iss`` when configured;
+when present (NumericDates, fractions allowed; a token not valid yet counts as
+expired, as in Centrifugo); ``aud``/``iss`` when configured;
 ``iat`` is not (a backend's clock may run ahead of ours).
 
 Connection token claims: ``sub`` (user id, ``""`` = anonymous), ``exp``,
@@ -145,6 +146,11 @@ class TokenVerifier:
             )
         except jwt.ExpiredSignatureError:
             raise TokenError("token expired", expired=True) from None
+        except jwt.ImmatureSignatureError:
+            # nbf ahead of our clock (beyond the leeway): Centrifugo answers it as
+            # expired, so the SDK fetches a fresh token and tries again instead of
+            # giving up for good on an "invalid" one.
+            raise TokenError("token not valid yet (nbf)", expired=True) from None
         except jwt.InvalidAlgorithmError:
             self._key_for(token)  # raises with the token's algorithm in the reason
             raise TokenError("algorithm not allowed") from None

@@ -279,10 +279,12 @@ def test_leeway_tolerates_clock_skew():
     assert refused(verifier(), token).expired
 
 
-def test_nbf_in_the_future_is_rejected():
-    """A token that is not valid yet (nbf ahead) is refused, not treated as expired."""
+def test_nbf_in_the_future_counts_as_expired():
+    """A token that is not valid yet (nbf ahead) is refused as expired, as Centrifugo
+    does: the SDK then fetches a new token instead of giving up on an invalid one."""
     exc = refused(verifier(), hs256({"sub": "alice", "nbf": future(600)}))
-    assert not exc.expired
+    assert exc.expired
+    assert verifier(leeway=700).connection(hs256({"sub": "alice", "nbf": future(600)})).user
     assert verifier().connection(hs256({"sub": "alice", "nbf": int(time.time()) - 1})).user
 
 
