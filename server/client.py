@@ -701,7 +701,9 @@ class Client:
                     raise ClientError(codes.TOKEN_EXPIRED) from None
                 raise ClientError(codes.PERMISSION_DENIED) from None
             chan_info, exp = creds.info, creds.exp
-        elif opts.private:
+        elif opts.private or channel.startswith("$"):
+            # "$" marks a private channel whatever its namespace allows, as in
+            # Centrifugo: an app moving over keeps its "$" channels closed.
             raise ClientError(codes.PERMISSION_DENIED, "channel token required")
         elif not (
             (
@@ -718,6 +720,11 @@ class Client:
             # every publication. Refused as Centrifugo refuses it in a namespace
             # without allow_tags_filter.
             raise _bad_request("publication tags filter is not supported")
+        if p.get("type") not in (None, 0):
+            # Map and shared-poll subscriptions (newer protocol, type 1 and up) keep
+            # channel state Squall does not have: a stream reply would leave the SDK
+            # waiting for state that never comes.
+            raise _bad_request("only stream subscriptions (type 0) are supported")
         return await self._subscribe(channel, opts, p, chan_info, exp, server_side=False)
 
     async def _subscribe(

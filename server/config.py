@@ -209,16 +209,20 @@ class Config:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def channel_options(self, channel: str) -> ChannelOptions | None:
-        """Options for a channel, or None if its namespace does not exist."""
-        ns, sep, _ = channel.partition(":")
+        """Options for a channel, or None if its namespace does not exist.
+
+        A leading ``$`` (a private channel, as in Centrifugo) is not part of the
+        namespace: ``$chat:x`` follows namespace ``chat``.
+        """
+        ns, sep, _ = channel.removeprefix("$").partition(":")
         if not sep:
             return self.channel
         return self.namespaces.get(ns)
 
     @staticmethod
     def channel_name(channel: str) -> str:
-        """The part after ``ns:`` (the whole channel when it has no namespace)."""
-        ns, sep, name = channel.partition(":")
+        """The part after ``ns:`` (the whole channel, less a leading ``$``, without one)."""
+        ns, sep, name = channel.removeprefix("$").partition(":")
         return name if sep else ns
 
     @property

@@ -471,6 +471,37 @@ async def test_private_namespace_needs_a_channel_token(squall):
     assert (await next_pub(c))["pub"]["data"] == "hi"
 
 
+async def test_dollar_channels_need_a_channel_token_whatever_the_namespace_allows(squall):
+    """A channel starting with $ is private, as in Centrifugo, even in a namespace that
+    lets every client subscribe; the $ is not part of the namespace name."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    for ch in ("$chat:" + chan(), "$" + chan()):
+        reply = await c.command("subscribe", {"channel": ch})
+        assert reply["error"] == {"code": 103, "message": "channel token required"}, ch
+        await subscribed(c, ch, token=token("alice", channel=ch))
+        await c.command("publish", {"channel": ch, "data": "hi"})  # chat: subscribers publish
+        assert (await next_pub(c))["pub"]["data"] == "hi"
+    assert error_code(await c.command("subscribe", {"channel": "$nope:x"})) == 102
+    await subscribed(c, "chat:" + chan())  # no token needed without the $
+
+
+async def test_map_and_shared_poll_subscriptions_are_refused_with_107(squall):
+    """Subscription types other than a stream (type 0) get 107: Squall keeps no channel
+    state to send, and a stream reply would leave the SDK waiting for it."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    for kind in (1, 2):
+        reply = await c.command("subscribe", {"channel": ch, "type": kind})
+        assert reply["error"] == {
+            "code": 107,
+            "message": "only stream subscriptions (type 0) are supported",
+        }
+    assert sq.hub.clients[next(iter(sq.hub.clients))].subs == {}
+    await subscribed(c, ch, type=0)
+
+
 async def test_channel_token_info_is_attached_to_publications(squall):
     """The channel token's info travels as chan_info with the subscriber's publications."""
     sq = await squall()
