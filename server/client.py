@@ -879,6 +879,9 @@ class Client:
     def server_unsubscribe(self, channel: str, u: codes.Unsubscribe) -> None:
         """Remove a subscription and tell the client why (resubscribe if code >= 2500).
 
+        A server-side subscription that must be resubscribed ends the connection
+        with 3010 instead: only a reconnect brings it back.
+
         A subscription whose reply is not queued yet (its subscribe is still
         reading history) gets the unsubscribe push right after that reply: the
         SDKs ignore an unsubscribe for a channel they are still subscribing to.
@@ -892,6 +895,12 @@ class Client:
         log.info(
             "unsubscribe code=%d reason=%s client=%s channel=%s", u.code, u.reason, self.id, channel
         )
+        if sub.server_side and u.code >= 2500:
+            # The SDKs cannot resubscribe a server-side subscription (an unsubscribe
+            # push just drops it): reconnect them instead, and their connect
+            # recovers it, as Centrifugo does (disconnect 3010).
+            self.disconnect(codes.INSUFFICIENT_STATE, f"server-side channel {channel}")
+            return
         if not sub.live:
             sub.unsubscribed = u
             return

@@ -85,6 +85,39 @@ async def test_epoch_change_sends_insufficient_state(squall):
     assert push["push"]["unsubscribe"]["code"] == 2500
 
 
+async def test_gap_in_a_server_side_subscription_reconnects_the_client_which_recovers(squall):
+    """A server-side subscription cannot be resubscribed by the SDK: a gap in it ends the
+    connection with 3010 (insufficient state), and the reconnect recovers what was missed.
+    A client-side subscriber of the same channel just resubscribes (2500)."""
+    sq = await squall()
+    server_side = await sq.raw()
+    reply = await server_side.command(
+        "connect", {"token": token("u", extra={"channels": ["chat:s"]})}
+    )
+    sub = reply["connect"]["subs"]["chat:s"]
+    assert sub["recoverable"] is True
+    client_side, _ = await _subscribed(sq, "chat:s")
+    await sq.api("publish", {"channel": "chat:s", "data": {"n": 1}})
+    assert (await _next_pub(server_side))["offset"] == 1
+    assert (await _next_pub(client_side))["offset"] == 1
+    await sq.hub.broker.unsubscribe("chat:s")
+    await sq.api("publish", {"channel": "chat:s", "data": {"n": 2}})
+    await sq.hub.broker.subscribe("chat:s")
+    with expect_log("squall.client", r"disconnect code=3010 .*server-side channel chat:s"):
+        await sq.api("publish", {"channel": "chat:s", "data": {"n": 3}})
+        assert await server_side.closed() == (3010, "insufficient state")
+    push = await client_side.next_push()
+    assert push["push"]["unsubscribe"] == {"code": 2500, "reason": "insufficient state"}
+    again = await sq.raw()
+    recover = {"chat:s": {"recover": True, "offset": 1, "epoch": sub["epoch"]}}
+    reply = await again.command(
+        "connect", {"token": token("u", extra={"channels": ["chat:s"]}), "subs": recover}
+    )
+    result = reply["connect"]["subs"]["chat:s"]
+    assert result["recovered"] is True
+    assert [p["data"]["n"] for p in result["publications"]] == [2, 3]
+
+
 async def test_on_gap_tells_every_subscriber_of_the_channel(squall):
     """When the broker reports a gap, all local subscribers of that channel resubscribe."""
     sq = await squall()

@@ -751,6 +751,35 @@ async def test_server_side_subscription_from_token_channels_claim(squall, sdk):
     assert client.subscriptions() == {}  # nothing client-side
 
 
+async def test_gap_in_a_server_side_subscription_makes_the_sdk_reconnect_and_recover(squall, sdk):
+    """A publication lost on the way to the node (the broker link dropped meanwhile) ends
+    a server-side subscription's connection with 3010; the SDK reconnects at once and
+    recovers exactly what it missed."""
+    sq = await squall()
+    tok = token("alice", extra={"channels": ["chat:srv-gap"]})
+    client, events = sdk.client(sq.ws_url, token=tok)
+    await client.connect()
+    await events.next("connected")
+    await events.next("subscribed")
+    await api_ok(sq, "publish", {"channel": "chat:srv-gap", "data": 1})
+    assert (await events.next("publication")).pub.offset == 1
+    assert [c.code for c in events.drain("connecting")] == [0]
+
+    await sq.hub.broker.unsubscribe("chat:srv-gap")  # offset 2 reaches history only
+    await api_ok(sq, "publish", {"channel": "chat:srv-gap", "data": 2})
+    await sq.hub.broker.subscribe("chat:srv-gap")
+    await api_ok(sq, "publish", {"channel": "chat:srv-gap", "data": 3})
+
+    ctx = await events.next("connecting")
+    assert (ctx.code, ctx.reason) == (3010, "insufficient state")
+    await events.next("connected")
+    ctx = await events.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, True)
+    got = [(await events.next("publication")).pub for _ in range(2)]
+    assert [(p.offset, p.data) for p in got] == [(2, 2), (3, 3)]
+    assert events.drain("publication") == []
+
+
 async def test_server_side_subscription_recovers_after_reconnect(squall, sdk):
     """A server-side subscription recovers publications missed while reconnecting."""
     sq = await squall()
