@@ -290,6 +290,9 @@ async def subscribe_all(broker: RedisBroker, channels: list[str]) -> None:
         assert not todo, f"could not subscribe {todo[0]!r}"
 
 
+# 8 000 single subscribes to set up: 2 s normally, about 30 s under asyncio's debug
+# mode (CI), which records a stack for every future and task they make.
+@pytest.mark.timeout(90)
 async def test_link_with_thousands_of_channels_comes_back(
     cluster: Cluster, private_redis: services.ServiceProcess
 ) -> None:
