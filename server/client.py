@@ -687,6 +687,16 @@ class Client:
             raise ClientError(codes.ALREADY_SUBSCRIBED)
         if len(self.subs) >= self._hub.config.client.max_channels:
             raise ClientError(codes.LIMIT_EXCEEDED, "too many subscriptions")
+        kind = p.get("type", 0)
+        if not isinstance(kind, int) or isinstance(kind, bool):
+            raise _bad_request("type must be an integer")
+        if kind != 0:
+            # Map (1-3) and shared-poll (4) subscriptions of newer protocol versions keep
+            # channel state Squall does not have: a stream reply would leave the SDK
+            # waiting for state that never comes. Centrifugo's codes for a channel
+            # without them: 108 for shared poll, 103 for the others.
+            code = codes.NOT_AVAILABLE if kind == 4 else codes.PERMISSION_DENIED
+            raise ClientError(code, "only stream subscriptions (type 0) are supported")
         token = p.get("token") or ""
         chan_info: bytes | None = None
         exp = 0
@@ -720,11 +730,6 @@ class Client:
             # every publication. Refused as Centrifugo refuses it in a namespace
             # without allow_tags_filter.
             raise _bad_request("publication tags filter is not supported")
-        if p.get("type") not in (None, 0):
-            # Map and shared-poll subscriptions (newer protocol, type 1 and up) keep
-            # channel state Squall does not have: a stream reply would leave the SDK
-            # waiting for state that never comes.
-            raise _bad_request("only stream subscriptions (type 0) are supported")
         return await self._subscribe(channel, opts, p, chan_info, exp, server_side=False)
 
     async def _subscribe(

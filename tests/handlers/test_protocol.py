@@ -486,18 +486,22 @@ async def test_dollar_channels_need_a_channel_token_whatever_the_namespace_allow
     await subscribed(c, "chat:" + chan())  # no token needed without the $
 
 
-async def test_map_and_shared_poll_subscriptions_are_refused_with_107(squall):
-    """Subscription types other than a stream (type 0) get 107: Squall keeps no channel
+async def test_map_and_shared_poll_subscriptions_are_refused(squall):
+    """Subscription types other than a stream (type 0) are refused with Centrifugo's
+    codes for a channel without them (108 shared poll, 103 map): Squall keeps no channel
     state to send, and a stream reply would leave the SDK waiting for it."""
     sq = await squall()
     c = await sq.raw(connect=True)
     ch = "chat:" + chan()
-    for kind in (1, 2):
+    for kind, code in ((1, 103), (2, 103), (3, 103), (4, 108)):
         reply = await c.command("subscribe", {"channel": ch, "type": kind})
         assert reply["error"] == {
-            "code": 107,
+            "code": code,
             "message": "only stream subscriptions (type 0) are supported",
         }
+    for bad in ("map", True, 1.5):
+        reply = await c.command("subscribe", {"channel": ch, "type": bad})
+        assert reply["error"] == {"code": 107, "message": "type must be an integer"}
     assert sq.hub.clients[next(iter(sq.hub.clients))].subs == {}
     await subscribed(c, ch, type=0)
 
