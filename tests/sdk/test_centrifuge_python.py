@@ -751,19 +751,35 @@ async def test_server_side_subscription_from_token_channels_claim(squall, sdk):
     assert client.subscriptions() == {}  # nothing client-side
 
 
+async def server_side_subscriber(sq: Any, sdk: Any, channel: str) -> ClientEvents:
+    """A connected SDK client whose token subscribes it to ``channel`` server-side, and
+    which has received the channel's first publication (offset 1)."""
+    client, events = sdk.client(sq.ws_url, token=token("alice", extra={"channels": [channel]}))
+    await client.connect()
+    await events.next("connected")
+    await events.next("subscribed")
+    await api_ok(sq, "publish", {"channel": channel, "data": 1})
+    assert (await events.next("publication")).pub.offset == 1
+    assert [c.code for c in events.drain("connecting")] == [0]
+    return events
+
+
+async def reconnected_with_2_and_3(events: ClientEvents) -> None:
+    """After a disconnect: connected again, recovered, publications 2 and 3 exactly once."""
+    await events.next("connected")
+    ctx = await events.next("subscribed")
+    assert (ctx.was_recovering, ctx.recovered) == (True, True)
+    got = [(await events.next("publication")).pub for _ in range(2)]
+    assert [(p.offset, p.data) for p in got] == [(2, 2), (3, 3)]
+    assert events.drain("publication") == []
+
+
 async def test_gap_in_a_server_side_subscription_makes_the_sdk_reconnect_and_recover(squall, sdk):
     """A publication lost on the way to the node (the broker link dropped meanwhile) ends
     a server-side subscription's connection with 3010; the SDK reconnects at once and
     recovers exactly what it missed."""
     sq = await squall()
-    tok = token("alice", extra={"channels": ["chat:srv-gap"]})
-    client, events = sdk.client(sq.ws_url, token=tok)
-    await client.connect()
-    await events.next("connected")
-    await events.next("subscribed")
-    await api_ok(sq, "publish", {"channel": "chat:srv-gap", "data": 1})
-    assert (await events.next("publication")).pub.offset == 1
-    assert [c.code for c in events.drain("connecting")] == [0]
+    events = await server_side_subscriber(sq, sdk, "chat:srv-gap")
 
     await sq.hub.broker.unsubscribe("chat:srv-gap")  # offset 2 reaches history only
     await api_ok(sq, "publish", {"channel": "chat:srv-gap", "data": 2})
@@ -772,25 +788,13 @@ async def test_gap_in_a_server_side_subscription_makes_the_sdk_reconnect_and_rec
 
     ctx = await events.next("connecting")
     assert (ctx.code, ctx.reason) == (3010, "insufficient state")
-    await events.next("connected")
-    ctx = await events.next("subscribed")
-    assert (ctx.was_recovering, ctx.recovered) == (True, True)
-    got = [(await events.next("publication")).pub for _ in range(2)]
-    assert [(p.offset, p.data) for p in got] == [(2, 2), (3, 3)]
-    assert events.drain("publication") == []
+    await reconnected_with_2_and_3(events)
 
 
 async def test_server_side_subscription_recovers_after_reconnect(squall, sdk):
     """A server-side subscription recovers publications missed while reconnecting."""
     sq = await squall()
-    tok = token("alice", extra={"channels": ["chat:srv-recover"]})
-    client, events = sdk.client(sq.ws_url, token=tok)
-    await client.connect()
-    await events.next("connected")
-    await events.next("subscribed")
-    await api_ok(sq, "publish", {"channel": "chat:srv-recover", "data": 1})
-    assert (await events.next("publication")).pub.offset == 1
-    assert [c.code for c in events.drain("connecting")] == [0]
+    events = await server_side_subscriber(sq, sdk, "chat:srv-recover")
 
     events.hold_reconnect = asyncio.Event()
     await api_ok(sq, "disconnect", {"user": "alice", "disconnect": {"code": 3011}})
@@ -799,9 +803,4 @@ async def test_server_side_subscription_recovers_after_reconnect(squall, sdk):
         await api_ok(sq, "publish", {"channel": "chat:srv-recover", "data": n})
     events.hold_reconnect.set()
 
-    await events.next("connected")
-    ctx = await events.next("subscribed")
-    assert (ctx.was_recovering, ctx.recovered) == (True, True)
-    got = [(await events.next("publication")).pub for _ in range(2)]
-    assert [(p.offset, p.data) for p in got] == [(2, 2), (3, 3)]
-    assert events.drain("publication") == []
+    await reconnected_with_2_and_3(events)
