@@ -100,6 +100,7 @@ import asyncio
 import itertools
 import logging
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ from bson.raw_bson import RawBSONDocument
 from server.backoff import Availability, Backoff
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig, check_mongo
-from server.errors import EngineError, StoreFullError, StoreRejectedError
+from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
 from server.store import PersistOptions, Store, StoreStatus, page_bounds
 
 log = logging.getLogger("squall.store.mongo")
@@ -155,6 +156,26 @@ class _TrimMark:
     size: int
     epoch: str  # the current epoch, as far as this node knows
     created_at: datetime
+
+
+def check_url(url: str) -> None:
+    """Refuse a ``mongodb.url`` the driver cannot parse, as a configuration error.
+
+    Without I/O: a ``mongodb+srv://`` URL needs a DNS lookup to be parsed whole, so
+    only its scheme is checked here; the lookup happens when the store starts.
+    """
+    from pymongo.errors import ConfigurationError
+    from pymongo.uri_parser import parse_uri
+
+    if url.startswith("mongodb+srv://"):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown options: the driver warns itself later
+            parse_uri(url, warn=True)
+    except (ConfigurationError, ValueError) as exc:
+        # The driver's messages name no part of the URL (which may hold a password).
+        raise ConfigError(f"mongodb.url: {exc}") from None
 
 
 class _Client:
@@ -199,6 +220,7 @@ class MongoStore:
 
     def __init__(self, cfg: MongoConfig, *, node: str = "") -> None:
         check_mongo(cfg)
+        check_url(cfg.url)
         self._cfg = cfg
         self._node = node  # the marker's _id (module docstring, Crashes)
         self._crashes: list[datetime] = []  # of every node on this database, as of start

@@ -153,6 +153,7 @@ from server.store_mongo import (
     _report_death,
     _stopped_task,
     _wait,
+    check_url,
 )
 from server.telemetry_store import (
     DeviceState,
@@ -341,6 +342,7 @@ class MongoTelemetryStore:
     def __init__(self, mongo: MongoConfig, cfg: TelemetryConfig) -> None:
         if not mongo.url:
             raise ConfigError("mongodb.url: required for the MongoDB telemetry store")
+        check_url(mongo.url)
         self._mongo = mongo
         self._cfg = cfg
         self._bucket_ms = int(cfg.bucket_seconds * 1000)
