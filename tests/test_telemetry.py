@@ -10,6 +10,7 @@ from fractions import Fraction
 import jwt
 import pytest
 
+from server import telemetry
 from server.auth import claim_globs_match
 from server.config import TelemetryConfig, config_from_dict
 from server.errors import ConfigError
@@ -77,6 +78,7 @@ def test_fractional_ts_is_truncated_to_milliseconds():
         ({"values": {"v": math.nan}}, "metric 'v' is not finite"),
         ({"values": {"v": math.inf}}, "metric 'v' is not finite"),
         ({"values": {"v": -math.inf}}, "metric 'v' is not finite"),
+        ({"values": {"v": 10**400}}, "metric 'v' is not finite"),  # past the float range
         ({"values": {"": 1}}, "invalid metric name ''"),
         ({"values": {"x" * 65: 1}}, "invalid metric name"),
         ({"values": {"bad name": 1}}, "invalid metric name 'bad name'"),
@@ -96,6 +98,18 @@ def test_each_kind_of_bad_point_is_rejected_with_its_reason(raw, reason):
     result = check(raw)
     assert isinstance(result, str), result
     assert reason in result
+
+
+def test_a_name_refused_stays_refused_after_valid_names_and_memory_stays_bounded():
+    """Valid metric names are remembered to skip the pattern match: a bad name is still
+    refused whatever came before, and a device sending ever new names does not make the
+    remembered set grow without bound."""
+    assert isinstance(check({"values": {"temp": 1, "hum": 2}}), Point)
+    assert "invalid metric name 'temp '" in check({"values": {"temp": 1, "temp ": 2}})
+    for i in range(telemetry.MAX_VALID_NAMES + 10):
+        assert isinstance(check({"values": {f"m{i}": 1}}), Point)
+    assert 0 < len(telemetry._valid_names) <= telemetry.MAX_VALID_NAMES
+    assert "invalid metric name 'temp/c'" in check({"values": {"temp/c": 1}})
 
 
 def test_metric_count_limit():
