@@ -24,6 +24,7 @@ from server.telemetry_store import (
     bucket_range,
     bucket_start,
     device_metric_limit,
+    exact_total,
     keep_newest,
     retention_cutoff,
 )
@@ -36,7 +37,23 @@ class _Bucket:
 
     def __init__(self) -> None:
         self.points: dict[int, Point] = {}  # ts -> point
-        self.stats: dict[str, MetricStats] = {}
+        # metric -> its summary (None: no point carries it), made when a query first
+        # needs it and dropped when a point is added: ingest does not pay for them.
+        self.stats: dict[str, MetricStats | None] = {}
+
+    def summary(self, metric: str) -> MetricStats | None:
+        try:
+            return self.stats[metric]
+        except KeyError:
+            pass
+        values = [v for p in self.points.values() if (v := p.values.get(metric)) is not None]
+        stats = (
+            MetricStats(min(values), max(values), exact_total(values), len(values))
+            if values
+            else None
+        )
+        self.stats[metric] = stats
+        return stats
 
 
 class _Device:
@@ -93,12 +110,8 @@ class MemoryTelemetryStore:
             if point.ts in bucket.points:
                 continue  # idempotent: (device, ts) is already stored
             bucket.points[point.ts] = point
-            for metric, value in point.values.items():
-                stats = bucket.stats.get(metric)
-                if stats is None:
-                    bucket.stats[metric] = MetricStats.of(value)
-                else:
-                    stats.add(value)
+            if bucket.stats:
+                bucket.stats.clear()
         keep_newest(dev.last, self._metric_limit)
 
     async def query(
@@ -115,12 +128,11 @@ class MemoryTelemetryStore:
             starts = sorted(b for b in dev.buckets if first <= b <= last)
         for b in starts:
             bucket = dev.buckets[b]
-            stats = bucket.stats.get(metric)
-            if stats is None:
-                continue
             if ds.whole(b):
-                ds.add_stats(b, stats)
-            else:
+                stats = bucket.summary(metric)
+                if stats is not None:
+                    ds.add_stats(b, stats)
+            else:  # an edge bucket (often the one still filling): its points in range
                 for ts, point in bucket.points.items():
                     value = point.values.get(metric)
                     if value is not None:
@@ -157,7 +169,7 @@ class MemoryTelemetryStore:
         return deleted
 
     async def seal(self, now: int) -> int:
-        return 0  # summaries are kept up to date as points arrive
+        return 0  # summaries are made when queried (``_Bucket.summary``)
 
     def status(self) -> StoreStatus:
         return StoreStatus(ready=True, extra={"devices": len(self._devices)})

@@ -150,6 +150,19 @@ async def test_points_added_in_several_frames_and_out_of_order_aggregate_togethe
     )
 
 
+async def test_points_added_after_a_query_are_in_the_next_answer(tstore: TelemetryStore):
+    """A query in between frames does not freeze what later queries see: steps of whole
+    buckets (answered from summaries) count the points added after it."""
+    points = series(60, every=900)
+    query = ("dev-1", "temp", T0, T0 + 60_000, 20_000)
+    await tstore.add("dev-1", points[::2], T0)
+    first = [(p.ts, p.values["temp"]) for p in points[::2]]
+    assert flat(await tstore.query(*query)) == approx(expected(first, T0, T0 + 60_000, 20_000))
+    await tstore.add("dev-1", points[1::2], T0)
+    raw = [(p.ts, p.values["temp"]) for p in points]
+    await read_each_way(tstore, query, expected(raw, T0, T0 + 60_000, 20_000))
+
+
 @pytest.mark.parametrize(
     ("start", "end", "step"),
     [
