@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 from collections.abc import Callable, Iterable
@@ -38,7 +39,7 @@ def make_app(
         routes(hub, verifier),
         websocket_ping_interval=None,  # the protocol has its own pings
         compress_response=False,
-        log_function=log_request,
+        log_function=functools.partial(log_request, successes=config.server.access_log),
     )
     return app, hub
 
@@ -152,11 +153,14 @@ log = logging.getLogger("squall.server")
 access_log = logging.getLogger("tornado.access")
 
 
-def log_request(handler: tornado.web.RequestHandler) -> None:
+def log_request(handler: tornado.web.RequestHandler, *, successes: bool = True) -> None:
     """Access log with levels that mean something: a 503 from ``/ready`` (or while
-    shutting down) is the service reporting its state, not Squall failing."""
+    shutting down) is the service reporting its state, not Squall failing.
+    Without ``successes`` (``server.access_log: false``) only 4xx and 5xx are logged."""
     status = handler.get_status()
     if status < 400:
+        if not successes:
+            return
         level = logging.INFO
     elif status < 500 or status == 503:
         level = logging.WARNING

@@ -80,6 +80,7 @@ class ServerConfig:
     name: str = ""  # node name shown in info; empty = host:port
     shutdown_timeout: float = 30.0  # seconds to drain on SIGTERM/SIGINT before exiting
     gc_freeze: bool = True  # freeze start-up objects and raise GC thresholds (latency)
+    access_log: bool = True  # every request at INFO; false: only 4xx/5xx (WARNING/ERROR)
     # Take the client's address from X-Real-IP / X-Forwarded-For (and the scheme from
     # X-Scheme / X-Forwarded-Proto): only behind a proxy that sets them, since any
     # client can send them.

@@ -74,6 +74,22 @@ async def test_ready_is_503_while_shutting_down(squall):
     assert (await get(sq, "/health")).code == 200  # still alive, just not ready
 
 
+async def test_access_log_off_keeps_only_failed_requests(squall):
+    """Every request is in the access log by default; with server.access_log false the
+    successful ones (a WebSocket upgrade among them) are not, the failed ones still are."""
+    quiet = await squall(**{"server.access_log": False})
+    assert (await get(quiet, "/health")).code == 200
+    await quiet.raw(connect=True)
+    with expect_log("tornado.access", r"^404 GET /no-such-page "):
+        assert (await get(quiet, "/no-such-page")).code == 404
+    assert not seen("tornado.access", r"^(200|101) ")
+    sq = await squall()
+    with expect_log("tornado.access", r"^200 GET /health "):
+        assert (await get(sq, "/health")).code == 200
+    with expect_log("tornado.access", r"^101 GET /connection/websocket "):
+        await sq.raw(connect=True)
+
+
 async def test_metrics_is_prometheus_text(squall):
     """/metrics is Prometheus text with HELP/TYPE lines for every documented family."""
     sq = await squall()
