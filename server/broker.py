@@ -26,8 +26,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from server.record import record
 
-@dataclass(frozen=True, slots=True)
+
+@record
 class ClientInfo:
     """Who published, joined or left: user id, client (connection) id, and info."""
 
@@ -37,7 +39,7 @@ class ClientInfo:
     chan_info: bytes | None = None  # raw JSON from the channel token's "info"
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class StreamPosition:
     """A place in a channel's stream: the last offset and the stream's epoch."""
 
@@ -45,7 +47,7 @@ class StreamPosition:
     epoch: str
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Publication:
     """One message in a channel."""
 
@@ -57,7 +59,7 @@ class Publication:
     tags: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@record(kw_only=True)
 class PublishOptions:
     """How one publication is kept. Zero sizes mean no history."""
 

@@ -58,7 +58,6 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import orjson
@@ -67,6 +66,7 @@ from server import codes
 from server.broker import ClientInfo, StreamPosition
 from server.config import ChannelOptions, TelemetryConfig
 from server.errors import ClientError, EngineError, StoreFullError
+from server.record import record
 from server.telemetry_store import Point, TelemetryStore
 
 log = logging.getLogger("squall.telemetry")
@@ -90,7 +90,7 @@ class PublishFn(Protocol):
     ) -> Awaitable[StreamPosition]: ...
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Rejection:
     """One refused point: its index in the frame and why."""
 
@@ -101,7 +101,7 @@ class Rejection:
         return {"index": self.index, "reason": self.reason}
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class IngestResult:
     accepted: list[Point]
     rejected: list[Rejection]

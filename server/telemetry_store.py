@@ -74,13 +74,14 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from server.config import TelemetryConfig
+from server.record import record
 from server.store import StoreStatus
 
 MS_PER_DAY: Final = 86_400_000
 DEVICE_METRICS: Final = 256  # last values kept per device (at least max_metrics_per_point)
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Point:
     """One validated telemetry point."""
 

@@ -18,13 +18,13 @@ Errors
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 
 from server import codes
 from server.broker import ClientInfo, Publication
+from server.record import record
 
 
 def compact(data: bytes) -> bytes:
@@ -65,7 +65,7 @@ class ProtocolViolation(Exception):
         self.disconnect = disconnect
 
 
-@dataclass(frozen=True, slots=True)
+@record
 class Command:
     """One decoded command. ``method`` is ``""`` for an unknown one, ``"pong"`` for ``{}``."""
 
