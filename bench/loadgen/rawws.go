@@ -278,7 +278,7 @@ func dialRaw(ctx context.Context, t *target, c *conn) error {
 	if u.Scheme != "ws" {
 		return fmt.Errorf("websocket URL: only ws:// is supported, not %q", u.Scheme)
 	}
-	nc, err := (&net.Dialer{Timeout: 10 * time.Second}).DialContext(ctx, "tcp", u.Host)
+	nc, err := loopbackDialer(u.Host).DialContext(ctx, "tcp", u.Host)
 	if err != nil {
 		return fmt.Errorf("websocket dial: %w", err)
 	}

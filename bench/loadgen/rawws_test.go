@@ -196,3 +196,37 @@ func unmaskAll(t *testing.T, b []byte) []string {
 	}
 	return out
 }
+
+// Connections to a loopback server come from several loopback source
+// addresses, so that the ephemeral ports of one address do not run out.
+func TestLoopbackConnectionsSpreadOverSourceAddresses(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	sources := map[string]bool{}
+	for i := 0; i < sourceAddrs+1; i++ {
+		nc, err := loopbackDialer(ln.Addr().String()).Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		host, _, _ := net.SplitHostPort(sc.RemoteAddr().String())
+		if !strings.HasPrefix(host, "127.") {
+			t.Fatalf("connection from %s, not a loopback address", host)
+		}
+		sources[host] = true
+		_ = sc.Close()
+		_ = nc.Close()
+	}
+	if len(sources) != sourceAddrs {
+		t.Fatalf("%d connections came from %d source addresses, want %d", sourceAddrs+1, len(sources), sourceAddrs)
+	}
+	if d := loopbackDialer("example.org:80"); d.LocalAddr != nil {
+		t.Fatalf("a non-loopback destination got source address %v", d.LocalAddr)
+	}
+}
