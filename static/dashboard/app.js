@@ -27,6 +27,7 @@ const RECONCILE_MS = 15_000;      // re-read recent history this often (see abov
 const RECONCILE_LOOKBACK_MS = 60_000;
 const SERIES = ['t', 'min', 'max', 'sum', 'count'];
 const CHART_HEIGHT = 180;         // px
+const MAX_ERRORS = 50;            // window.__squall.errors keeps the last ones
 const SETUP_HINT = 'run scripts/setup (npm ci)';
 const MINT_HINT = "mint one with: python run.py token --sub USER --devices '*'";
 
@@ -41,7 +42,7 @@ const state = {
   livePoints: 0,        // live points folded into the charts
   publications: 0,
   lastLiveAt: 0,
-  errors: [],
+  errors: [],           // the last MAX_ERRORS messages shown, oldest first
 };
 window.__squall = state;
 // A copy of one chart's buckets of the selected device (for tests and the console).
@@ -87,6 +88,8 @@ function el(tag, className, text) {
 // only the message it caused.
 function showError(message, source = 'app') {
   state.errors.push(message);
+  // A poll fails every few seconds while the server is down: keep the recent ones.
+  if (state.errors.length > MAX_ERRORS) state.errors.splice(0, state.errors.length - MAX_ERRORS);
   const banner = $('error');
   banner.textContent = message;
   banner.dataset.source = source;

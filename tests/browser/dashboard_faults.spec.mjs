@@ -18,6 +18,8 @@
 //      with the device it was about;
 //   2. with many devices listed, live points of the selected device do not
 //      rebuild the other rows (that froze the page with a thousand devices);
+//      then, with every history query failing, the page keeps only the recent
+//      error messages (window.__squall.errors grew by one per failure);
 //   3. two reconnects in a row while the history reload is slow: no bucket is
 //      drawn twice (both reloads used to be appended);
 //   4. a token that expires while the page is open signs out saying so.
@@ -135,6 +137,30 @@ try {
     `error banner still shown for the device left: ${await page.locator('#error').textContent()}`,
   );
   summary.steps.push('history error cleared');
+
+  // 2b. Errors keep coming (every history query fails): the page keeps the recent
+  // ones only (window.__squall.errors is bounded), newest last.
+  await page.unrouteAll();
+  await page.route('**/api/devices/*/telemetry?*', (route) =>
+    route.fulfill({
+      status: 503,
+      contentType: 'application/json',
+      body: JSON.stringify({ error: { code: 1001, message: 'store unavailable' } }),
+    }),
+  );
+  const MANY_ERRORS = 60; // more than the page keeps (MAX_ERRORS in app.js)
+  for (let i = 0; i < MANY_ERRORS; i += 1) {
+    const id = i % 2 ? other : device;
+    await row(id).locator('button').click();
+    await page.locator('#error').filter({ hasText: `History of ${id}/` }).waitFor({ timeout: 10_000 });
+  }
+  const kept = await page.evaluate(() => window.__squall.errors.slice());
+  summary.errorsKept = kept.length;
+  check(kept.length >= 10 && kept.length < MANY_ERRORS,
+    `${kept.length} error messages kept after ${MANY_ERRORS} failed history queries`);
+  check(kept[kept.length - 1].startsWith(`History of ${other}/`),
+    `the newest error is not last: ${kept[kept.length - 1]}`);
+  summary.steps.push('error log bounded');
 
   // 3. Slow history, two reconnects in a row: each reload replaces, never adds.
   await page.unrouteAll();
