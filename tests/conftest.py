@@ -12,10 +12,28 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import pytest_tornasync.plugin as tornasync
 
 from tests.helpers import logs, services
 
 pytest_plugins = ["tests.helpers.server"]
+
+
+def _async_test_timeout(item: pytest.Function) -> float | None:
+    """The limit ``run_sync`` gives an ``async def`` test: ``@pytest.mark.timeout(N)``'s N.
+
+    pytest-tornasync reads only ``@pytest.mark.timeout(seconds=N)``, a keyword
+    pytest-timeout refuses, so the one marker both plugins accept left every
+    async test at ``--async-test-timeout`` (30 s) whatever it asked for.
+    """
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and marker.args:
+        return float(marker.args[0])
+    timeout: float | None = item.config.option.async_test_timeout
+    return timeout
+
+
+tornasync.get_test_timeout = _async_test_timeout  # looked up at each call
 
 
 @pytest.fixture(autouse=True)
