@@ -516,6 +516,16 @@ class Hub:
             info = NodeInfo(**msg["node"])
             self._nodes[info.uid] = (info, time.monotonic())
             return
+        if kind == "history_remove":
+            channel, epoch, offset = msg.get("channel"), msg.get("epoch"), msg.get("offset")
+            if msg.get("node") == self.node.uid:
+                return  # done before the message was sent
+            if not (isinstance(channel, str) and isinstance(epoch, str) and type(offset) is int):
+                log.warning("malformed history_remove control message ignored")
+                return
+            through = StreamPosition(offset, epoch)
+            self.spawn(self.store.remove(channel, through=through), f"history remove of {channel}")
+            return
         targets = self._control_targets(msg)
         if kind == "disconnect":
             d = codes.Disconnect(int(msg.get("code", 3503)), str(msg.get("reason", "")))
@@ -842,18 +852,31 @@ class Hub:
             raise ClientError(codes.INTERNAL) from None
 
     async def remove_history(self, channel: str, opts: ChannelOptions) -> None:
-        """Drop the channel's history (broker and, for persistent namespaces, store).
+        """Drop the channel's history (broker and, for persistent namespaces, the store
+        and what every other node's store still queues).
 
         Raises:
             ClientError: 100 when an engine failed, as every other engine call.
         """
         try:
             await self.broker.remove_history(channel)
-            if opts.persist:
-                await self.store.remove(channel)
+            if not opts.persist:
+                return
+            await self.store.remove(channel)
+            top = (await self.broker.history(channel, limit=0)).position
         except EngineError as exc:
             log.warning("history remove of %s failed: %s", channel, exc)
             raise ClientError(codes.INTERNAL) from None
+        # Other nodes may hold publications of the channel in their stores' write
+        # queues: written after the delete above, they would come back. Each drops
+        # those up to the stream's position now, not the ones published since.
+        await self.control(
+            "history_remove",
+            channel=channel,
+            epoch=top.epoch,
+            offset=top.offset,
+            node=self.node.uid,
+        )
 
     async def recover(
         self, channel: str, opts: ChannelOptions, since: StreamPosition

@@ -60,6 +60,11 @@ from typing import Protocol
 from server.broker import Publication, StreamPosition
 
 
+def removed_by(epoch: str, offset: int, through: StreamPosition | None) -> bool:
+    """Whether ``Store.remove(..., through=through)`` drops the publication at (epoch, offset)."""
+    return through is None or epoch != through.epoch or offset <= through.offset
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PersistOptions:
     size: int = 0  # publications kept per channel; 0 = unlimited
@@ -129,8 +134,13 @@ class Store(Protocol):
         offsets were delivered: giving them again would hide the new publications
         from clients that saw the lost ones). Raises ``EngineError``."""
 
-    async def remove(self, channel: str) -> None:
-        """Delete a channel's publications, queued and stored. Raises ``EngineError``."""
+    async def remove(self, channel: str, *, through: StreamPosition | None = None) -> None:
+        """Delete a channel's publications, queued and stored. Raises ``EngineError``.
+
+        With ``through``, only those up to that position: every publication of
+        another epoch, and those of its epoch up to its offset (what the stream
+        had when another node removed the history; later ones stay).
+        """
 
     def status(self) -> StoreStatus:
         """Current health; must not do I/O."""

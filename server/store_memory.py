@@ -19,7 +19,7 @@ import math
 import time
 
 from server.broker import Publication, StreamPosition
-from server.store import PersistOptions, Store, StoreStatus, page_bounds
+from server.store import PersistOptions, Store, StoreStatus, page_bounds, removed_by
 
 
 class MemoryStore:
@@ -93,8 +93,14 @@ class MemoryStore:
     async def resume(self, channel: str) -> StreamPosition | None:
         return await self.latest(channel)  # nothing outlives the process: no crash to skip
 
-    async def remove(self, channel: str) -> None:
-        self._channels.pop(channel, None)
+    async def remove(self, channel: str, *, through: StreamPosition | None = None) -> None:
+        items = self._channels.get(channel)
+        if items is None:
+            return
+        for key in [k for k in items if removed_by(*k, through)]:
+            del items[key]
+        if not items:
+            del self._channels[channel]
 
     def status(self) -> StoreStatus:
         return StoreStatus(ready=True)

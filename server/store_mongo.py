@@ -116,7 +116,7 @@ from server.backoff import Availability, Backoff
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig, check_mongo
 from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
-from server.store import PersistOptions, Store, StoreStatus, page_bounds
+from server.store import PersistOptions, Store, StoreStatus, page_bounds, removed_by
 
 log = logging.getLogger("squall.store.mongo")
 
@@ -432,19 +432,38 @@ class MongoStore:
         crashes = sum(1 for at in self._crashes if at > recent["created_at"])
         return StreamPosition(top + crashes * self._cfg.queue_size, epoch)
 
-    async def remove(self, channel: str) -> None:
-        """Drop the channel's queued and stored publications.
+    async def remove(self, channel: str, *, through: StreamPosition | None = None) -> None:
+        """Drop the channel's queued and stored publications (``through``: up to it).
 
         Raises:
             EngineError: the server could not be reached (queued ones are gone anyway).
         """
         async with self._write_lock:  # not while a batch holding this channel is in flight
-            if self._pending.pop(channel, None) is not None:
-                self._queue = deque(p for p in self._queue if p.channel != channel)
-                if not self._queue:
-                    self._drained.set()
-            self._trim.pop(channel, None)
-            await self._run(self._coll().delete_many({"channel": channel}))
+            pending = self._pending.get(channel)
+            if pending is not None:
+                dropped = [key for key in pending if removed_by(*key, through)]
+                for key in dropped:
+                    del pending[key]
+                if not pending:
+                    del self._pending[channel]
+                if dropped:
+                    self._queue = deque(
+                        p
+                        for p in self._queue
+                        if p.channel != channel
+                        or not removed_by(p.pub.epoch, p.pub.offset, through)
+                    )
+                    if not self._queue:
+                        self._drained.set()
+            query: dict[str, Any] = {"channel": channel}
+            if through is None:
+                self._trim.pop(channel, None)
+            else:
+                query["$or"] = [
+                    {"epoch": {"$ne": through.epoch}},
+                    {"offset": {"$lte": through.offset}},
+                ]
+            await self._run(self._coll().delete_many(query))
 
     def status(self) -> StoreStatus:
         oldest = time.monotonic() - self._queue[0].accepted if self._queue else 0.0

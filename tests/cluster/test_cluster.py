@@ -352,3 +352,26 @@ async def test_persistent_recovery_with_a_publication_nowhere_readable_is_not_re
     assert (ctx.was_recovering, ctx.recovered) == (True, False)
     assert ctx.stream_position.offset == 8
     assert ev.drain("publication") == []
+
+
+async def test_history_remove_also_drops_what_another_instance_has_not_stored(stored_cluster):
+    """``history_remove`` through A drops the publication B accepted and still queues for
+    MongoDB: B writing it afterwards (here on shutdown) must not bring it back."""
+    a, b, c = await _start_with_a_slow_writer(stored_cluster)
+    channel = "persist:removed"
+    await api_ok(a, "publish", {"channel": channel, "data": 1})
+    await api_ok(b, "publish", {"channel": channel, "data": 2})  # queued on B
+    await until(lambda: _written(a), what="A has written its publication")
+    info = (await api_ok(b, "info", {}))["nodes"][0]["store"]
+    assert info["queue_depth"] == 1
+
+    await api_ok(a, "history_remove", {"channel": channel})
+    await until(lambda: _written(b), what="B has dropped its queued publication")
+    assert await b.stop_async() == 0  # a queued publication would be written now
+
+    page = await api_ok(c, "history", {"channel": channel, "limit": -1})
+    assert page["publications"] == []
+    assert page["offset"] == 2  # the position is kept
+    await api_ok(a, "publish", {"channel": channel, "data": 3})
+    page = await api_ok(c, "history", {"channel": channel, "limit": -1})
+    assert [(p["offset"], p["data"]) for p in page["publications"]] == [(3, 3)]

@@ -319,6 +319,25 @@ async def test_remove_deletes_queued_and_written(store: Store) -> None:
     assert await store.read_since("rm") == [pub(1, "e2")]
 
 
+async def test_remove_through_a_position_keeps_what_came_after_it(store: Store) -> None:
+    """remove(through=...) (another node removed the history at that position) drops the
+    older epoch and the offsets up to it, written or queued, and keeps the later ones."""
+    await store.append("rmt", pub(7, "old"), KEEP)
+    for i in range(1, 4):
+        await store.append("rmt", pub(i), KEEP)
+    await written(store)
+    await store.append("rmt", pub(4), KEEP)  # queued, up to the position
+    await store.append("rmt", pub(5), KEEP)  # queued, after it
+    await store.append("bystander", pub(1), KEEP)
+    await store.remove("rmt", through=StreamPosition(4, "e1"))
+    assert await store.read_since("rmt") == [pub(5)]
+    await written(store)
+    assert await store.read_since("rmt") == [pub(5)]
+    assert await store.read_since("rmt", since=StreamPosition(0, "old")) == []
+    assert await store.read_since("bystander") == [pub(1)]
+    assert await store.latest("rmt") == StreamPosition(5, "e1")
+
+
 async def test_status_reports_health_without_io(store: Store) -> None:
     """status() is ready after start and counts nothing queued once written."""
     await store.append("st", pub(1), KEEP)
