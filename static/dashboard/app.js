@@ -8,12 +8,13 @@
 //     {max_rate: MAX_RATE}, then backfill each metric's last WINDOW_MS from
 //     GET /api/devices/<id>/telemetry in STEP_MS buckets. Live points that
 //     arrive during the backfill are held back and folded in afterwards (only
-//     those newer than the backfill's `to`), into the same STEP_MS buckets.
+//     those at or after the backfill's `to`, which the query excludes), into
+//     the same STEP_MS buckets.
 //   * Live delivery is conflated: with max_rate the server sends the latest
 //     publication of each 1/MAX_RATE s, so a fast device's live buckets hold a
 //     sample of its points. Every RECONCILE_MS the last RECONCILE_LOOKBACK_MS
 //     are re-read from the query API (every point) and replace the sampled
-//     buckets; live points newer than that read are folded in again.
+//     buckets; live points at or after that read's `to` are folded in again.
 //
 // For tests and the curious, window.__squall exposes the state (connection,
 // devices, live point counters), and #charts carries data-live-points.
@@ -605,11 +606,12 @@ async function backfill(v, chart, to) {
     chart.note.textContent = `history unavailable (${err.message}); live only`;
     showError(`History of ${v.id}/${chart.metric}: ${err.message}`, 'view');
   }
-  // Go live: fold what arrived meanwhile, skipping what the backfill already counted.
+  // Go live: fold what arrived meanwhile, skipping what the backfill already counted
+  // (the query has from <= ts < to: a point stamped `to` is not in it).
   chart.ready = true;
   let applied = 0;
   for (const [ts, value] of chart.pending) {
-    if (ts > to) {
+    if (ts >= to) {
       fold(chart, ts, value);
       applied += 1;
     }
@@ -645,7 +647,7 @@ async function reconcile(v, chart) {
     if (keep < 0) keep = chart.t.length;
     for (const key of SERIES) chart[key].length = keep;
     appendBuckets(chart, body.points);
-    for (const [ts, value] of chart.recent) if (ts > to) foldValue(chart, ts, value);
+    for (const [ts, value] of chart.recent) if (ts >= to) foldValue(chart, ts, value);
     redraw(chart);
   } catch (err) {
     if (err.status === 401 || err.status === 403) rejected(err.message);

@@ -21,7 +21,9 @@
 //      then, with every history query failing, the page keeps only the recent
 //      error messages (window.__squall.errors grew by one per failure);
 //   3. two reconnects in a row while the history reload is slow: no bucket is
-//      drawn twice (both reloads used to be appended);
+//      drawn twice (both reloads used to be appended); then a live point stamped
+//      exactly at a backfill's end (its query excludes `to`) is drawn (it was
+//      held back until the backfill was in, then skipped as already counted);
 //   4. a token that expires while the page is open signs out saying so.
 // The last stdout line is a JSON summary; the exit code is 0 only if every step passed.
 
@@ -54,6 +56,18 @@ function hs256(claims) {
   const part = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
   const head = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
   return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
+const EDGE_VALUE = 999.5; // step 3b's point, above every value the quiet device sent
+
+async function postPoint(id, point) {
+  const deviceToken = hs256({ sub: id, device: true, exp: Math.floor(Date.now() / 1000) + 600 });
+  const resp = await fetch(`${base}/api/telemetry`, {
+    method: 'POST',
+    headers: { Authorization: `Bearer ${deviceToken}` },
+    body: JSON.stringify([point]),
+  });
+  check(resp.status === 202, `POST /api/telemetry: HTTP ${resp.status} ${await resp.text()}`);
 }
 
 async function disconnectUser() {
@@ -204,6 +218,29 @@ try {
     `charts not reloaded: ${summary.backfilled}`);
   check(bad.length === 0, `buckets drawn twice after two reconnects:\n${bad.slice(0, 5).join('\n')}`);
   summary.steps.push('reconnects: no duplicated buckets');
+  await page.unrouteAll({ behavior: 'ignoreErrors' });
+
+  // 3b. A live point stamped exactly at a backfill's `to` (the query's end, which it
+  //     excludes) arrives while that backfill loads: it is drawn once it is in.
+  let edge = 0;
+  await page.route(`**/api/devices/${encodeURIComponent(other)}/telemetry?*`, async (route) => {
+    const query = new URL(route.request().url()).searchParams;
+    if (edge || query.get('metric') !== 'm00') return route.continue();
+    edge = Number(query.get('to'));
+    await page.waitForFunction(() => window.__squall.subscription === 'subscribed', null,
+      { timeout: 10_000, polling: 20 });
+    await postPoint(other, { ts: edge, values: { m00: EDGE_VALUE } });
+    await page.waitForFunction(() => window.__squall.received >= 1, null,
+      { timeout: 10_000, polling: 20 });
+    return route.continue();
+  });
+  await row(other).locator('button').click();
+  await page.locator('#charts .chart[data-metric="m00"][data-backfilled]').waitFor({ timeout: 10_000 });
+  const m00 = await page.evaluate(() => window.__squall.series('m00'));
+  const at = m00.t.indexOf(Math.floor(edge / 1000) * 1000);
+  check(edge > 0 && at >= 0 && m00.max[at] === EDGE_VALUE,
+    `point at the backfill's end (${edge}) not drawn: ${JSON.stringify(m00)}`);
+  summary.steps.push('point at the backfill end drawn');
   await page.unrouteAll({ behavior: 'ignoreErrors' });
 
   // 4. A token expiring in a few seconds: signed out with "token expired".
