@@ -195,6 +195,7 @@ class Client:
     __slots__ = (
         "_allowance",
         "_allowance_at",
+        "_busy",
         "_closed",
         "_expiry_timer",
         "_hub",
@@ -240,6 +241,7 @@ class Client:
         self._allowance_at = time.monotonic()
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
+        self._busy = False  # a frame's commands are running (its later frames wait unread)
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._sub_timers: dict[str, asyncio.TimerHandle] = {}
         self._stale_timer: asyncio.TimerHandle | None = self._loop.call_later(
@@ -377,13 +379,17 @@ class Client:
         except ProtocolViolation as exc:
             self.disconnect(exc.disconnect, exc.detail)
             return
-        for cmd in commands:
-            if self.closed:  # an earlier command of this frame ended the connection
-                return
-            if not self._take_allowance():
-                self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "command rate exceeded")
-                return
-            await self._dispatch(cmd)
+        self._busy = True
+        try:
+            for cmd in commands:
+                if self.closed:  # an earlier command of this frame ended the connection
+                    return
+                if not self._take_allowance():
+                    self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "command rate exceeded")
+                    return
+                await self._dispatch(cmd)
+        finally:
+            self._busy = False
 
     def on_transport_ping(self) -> None:
         """The peer sent a transport-level ping (a WebSocket ping frame).
@@ -643,6 +649,14 @@ class Client:
 
     def _no_pong(self) -> None:
         self._pong_timer = None
+        if self._busy and not self._closed:
+            # The transport reads a connection's frames one after another: while a
+            # command of this client waits on an engine (a slow store, a recovery),
+            # its pong, if it sent one, is unread. Wait another pong_timeout.
+            self._pong_timer = self._loop.call_later(
+                self._hub.config.client.pong_timeout, self._no_pong
+            )
+            return
         self.disconnect(codes.NO_PONG, "no pong to the server ping in time")
 
     def _schedule_expiry(self) -> None:

@@ -1095,6 +1095,34 @@ async def test_client_that_does_not_answer_pings_gets_3012(squall):
         assert await c.closed(within=3) == (3012, "no pong")
 
 
+async def test_a_pong_waiting_behind_a_slow_command_does_not_end_the_connection(squall):
+    """A connection's frames are read in order: while one of its commands waits on a slow
+    engine, the pong it has sent waits unread. That is not a dead peer: no 3012."""
+    sq = await squall(**{"client.ping_interval": 0.2, "client.pong_timeout": 0.2})
+    broker = sq.hub.broker
+    history = broker.history
+
+    async def slow_history(*args: Any, **kw: Any) -> Any:
+        await asyncio.sleep(1.0)  # several ping intervals and pong timeouts
+        return await history(*args, **kw)
+
+    broker.history = slow_history  # type: ignore[method-assign]
+    c = await sq.raw(connect=True)
+    await c.send({"id": 2, "history": {"channel": "public:slow", "limit": 1}})
+    pings = 0
+    while True:
+        frame = await c.next(within=3)
+        if frame == {}:
+            pings += 1
+            await c.send_raw("{}")
+            continue
+        assert frame["id"] == 2, frame
+        assert frame["history"]["publications"] == []
+        break
+    assert pings >= 2
+    assert "ping" in await c.command("ping")  # still connected
+
+
 async def test_connection_without_connect_is_closed_as_stale(squall):
     """A connection that never sends connect is closed with 3502 after connect_timeout."""
     sq = await squall(**{"client.connect_timeout": 0.2})
