@@ -184,15 +184,7 @@ def test_dashboard_shows_live_device(squall_proc, simulator):
             "SQUALL_LIVE_WITHIN": str(int(LIVE_WITHIN_MS * TIME_FACTOR)),
         }
     )
-    run = subprocess.run(
-        [node, str(SPEC)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90 * TIME_FACTOR,
-        check=False,
-    )
+    run = run_spec(node, SPEC, env, 90 * TIME_FACTOR)
     lines = run.stdout.strip().splitlines()
     assert lines, f"no output from the browser script (exit {run.returncode}):\n{run.stderr}"
     summary = json.loads(lines[-1])
@@ -238,6 +230,28 @@ def post_quiet_devices(squall: SquallProcess) -> str:
     return ids[0]
 
 
+def run_spec(
+    node: str, spec: Path, env: dict[str, str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a browser script; one stopped at ``timeout`` fails the test with its stderr
+    (the faults script logs each step done there: where it was)."""
+    try:
+        return subprocess.run(
+            [node, str(spec)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr or b""  # bytes here, whatever text= says
+        if isinstance(err, bytes):
+            err = err.decode(errors="replace")
+        pytest.fail(f"{spec.name} stopped after {exc.timeout} s:\n{err[-3000:]}")
+
+
 @pytest.mark.timeout(180)
 def test_dashboard_faults():
     """Error banners, many devices, reconnects during a slow history reload, token expiry.
@@ -265,15 +279,7 @@ def test_dashboard_faults():
                     "SQUALL_CHROMIUM": CHROMIUM,
                 }
             )
-            run = subprocess.run(
-                [node, str(FAULTS_SPEC)],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=120 * TIME_FACTOR,
-                check=False,
-            )
+            run = run_spec(node, FAULTS_SPEC, env, 140 * TIME_FACTOR)
     finally:
         code = squall.stop()
     lines = run.stdout.strip().splitlines()
