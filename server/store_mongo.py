@@ -65,6 +65,14 @@ Retention
     recently accepted first. Offsets, not acceptance order, rank a stream's
     publications because they may be accepted out of order.
 
+Start-up
+    A step that times out or loses its connection on a server that was
+    reached (an index build on a busy server, say) is tried again, up to
+    ``START_ATTEMPTS`` in all with the write retries' backoff between them;
+    a server that cannot be selected at all fails the start at once. Every
+    step is idempotent, the marker's included (it carries this start's id,
+    so a write applied before its answer was lost is not taken for a crash).
+
 Shutdown
     ``close`` wakes the flusher from a retry backoff (the server may be back
     by then) and lets it go on retrying, from ``retry_delay`` again, until
@@ -102,10 +110,10 @@ import logging
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import bson
 from bson import ObjectId
@@ -119,6 +127,7 @@ from server.errors import ConfigError, EngineError, StoreFullError, StoreRejecte
 from server.store import PersistOptions, Store, StoreStatus, page_bounds, removed_by
 
 log = logging.getLogger("squall.store.mongo")
+_T = TypeVar("_T")
 
 HISTORY_INDEX: Final = "channel_epoch_offset"
 WRITERS_SUFFIX: Final = "_writers"  # collection of the per-node markers (module docstring, Crashes)
@@ -129,6 +138,7 @@ DUPLICATE_KEY_CODES: Final = frozenset({11000, 11001, 12582})
 # createIndexes answers meaning "no TTL index here": NotImplemented (FerretDB v1),
 # InvalidIndexSpecificationOption, CannotCreateIndex, IndexOptionsConflict.
 NO_TTL_CODES: Final = frozenset({238, 197, 67, 85})
+START_ATTEMPTS: Final = 3  # tries of a start-up step that timed out (module docstring)
 STATS_LOG_INTERVAL: Final = 10.0  # seconds between DEBUG write-latency summaries
 # Offsets are unsigned 64-bit on the wire but BSON integers are signed: no stored
 # offset is above this, and PyMongo cannot send a larger bound (OverflowError).
@@ -156,6 +166,47 @@ class _TrimMark:
     size: int
     epoch: str  # the current epoch, as far as this node knows
     created_at: datetime
+
+
+def start_transient(exc: BaseException) -> bool:
+    """Whether a start-up step's failure is worth another try.
+
+    A timeout or a dropped connection on a server that was selected is; a server
+    that cannot be selected at all (unreachable, wrong port) is not: the start
+    fails at once, as documented.
+    """
+    from pymongo.errors import AutoReconnect, ExecutionTimeout, ServerSelectionTimeoutError
+
+    if isinstance(exc, ServerSelectionTimeoutError):
+        return False
+    return isinstance(exc, AutoReconnect | ExecutionTimeout)
+
+
+async def start_steps(
+    what: str, backoff: Backoff, steps: Callable[[], Awaitable[_T]], describe: Callable[..., str]
+) -> _T:
+    """Run an engine's idempotent start-up ``steps``, again after a transient failure.
+
+    Up to ``START_ATTEMPTS`` runs, each retry logged at WARNING; the last failure
+    (or the first one that is not transient) is raised as it is.
+    """
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return await steps()
+        except Exception as exc:
+            if attempt == START_ATTEMPTS or not start_transient(exc):
+                raise
+            delay = backoff.next()
+            log.warning(
+                "%s: start-up step failed (attempt %d of %d), trying again in %.2fs error=%s",
+                what,
+                attempt,
+                START_ATTEMPTS,
+                delay,
+                describe(exc),
+            )
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def check_url(url: str) -> None:
@@ -223,6 +274,7 @@ class MongoStore:
         check_url(cfg.url)
         self._cfg = cfg
         self._node = node  # the marker's _id (module docstring, Crashes)
+        self._start_id = ObjectId()  # this process's start, in its marker (Start-up)
         self._crashes: list[datetime] = []  # of every node on this database, as of start
         # Set by an outage: the server may come back without this store's indexes and
         # marker (wiped, or a new one), so the next batch or ping creates them again.
@@ -264,8 +316,14 @@ class MongoStore:
             return
         try:
             self._client = _Client(self._cfg)  # raises on a malformed URL
-            await self._create_indexes(self._client.coll)
-            self._crashes = await self._register(self._client.writers)
+            client = self._client
+
+            async def steps() -> list[datetime]:
+                await self._create_indexes(client.coll)
+                return await self._register(client.writers)
+
+            self._crashes = await start_steps("mongo store", self._backoff, steps, self._describe)
+            self._backoff.reset()
         except Exception as exc:
             if self._client is not None:
                 await self._client.close()
@@ -536,7 +594,9 @@ class MongoStore:
         now = datetime.now(UTC)
         marker = await writers.find_one({"_id": self._node})
         crashes = list(marker.get("crashes", [])) if marker is not None else []
-        if marker is not None and marker.get("running"):
+        # Running, and not by this start's own write (a retried step whose first
+        # write was applied before its answer was lost): the last process never closed.
+        if marker is not None and marker.get("running") and marker.get("start") != self._start_id:
             crashes = [*crashes, now][-MAX_CRASHES:]
             log.warning(
                 "mongo store: the previous process of node %r did not close (killed?); "
@@ -547,7 +607,14 @@ class MongoStore:
             )
         await writers.update_one(
             {"_id": self._node},
-            {"$set": {"running": True, "crashes": crashes, "started_at": now}},
+            {
+                "$set": {
+                    "running": True,
+                    "crashes": crashes,
+                    "started_at": now,
+                    "start": self._start_id,
+                }
+            },
             upsert=True,
         )
         docs = await writers.find({}, {"_id": 0, "crashes": 1}).to_list(None)

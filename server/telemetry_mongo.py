@@ -154,6 +154,7 @@ from server.store_mongo import (
     _stopped_task,
     _wait,
     check_url,
+    start_steps,
 )
 from server.telemetry_store import (
     DeviceState,
@@ -386,8 +387,9 @@ class MongoTelemetryStore:
         if self._started:
             return
         self._client = _Client(self._mongo)
-        try:
-            points, buckets, devices = self._colls()
+        points, buckets, devices = self._colls()
+
+        async def steps() -> None:
             legacy = await points.find_one({}, {"ts": 1, "t": 1})
             if legacy is not None and "ts" not in legacy:
                 raise _LegacyLayout()
@@ -396,6 +398,10 @@ class MongoTelemetryStore:
             await buckets.create_index([("device", 1), ("start", 1)], name=BUCKET_INDEX)
             await buckets.create_index([("end", 1)], name=END_INDEX)
             await devices.create_index([("last_seen", 1)], name=SEEN_INDEX)
+
+        try:
+            await start_steps("telemetry store", self._backoff, steps, self._describe)
+            self._backoff.reset()
         except _LegacyLayout:
             await self._client.close()
             self._client = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from pymongo import AsyncMongoClient
+from pymongo.uri_parser import parse_uri
 from tornado.ioloop import IOLoop
 
 from server.broker import Publication, StreamPosition
@@ -31,6 +32,7 @@ from server.store_mongo import (
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config, pub
 from tests.helpers import logs, services
+from tests.helpers.stall_proxy import StallProxy
 
 KEEP = PersistOptions()
 EXPECTED_INDEXES = {
@@ -339,7 +341,76 @@ async def test_url_password_is_never_logged(make_store: Factory) -> None:
     with pytest.raises(EngineError, match=f"127.0.0.1:{port}") as err:
         await store.start()
     assert "s3cret-pw" not in str(err.value)
+    assert not logs.seen("squall.store.mongo", "trying again")  # unreachable: fails at once
     assert not logs.seen("", "s3cret-pw")  # any logger
+
+
+@pytest.fixture
+def stall_proxy(io_loop: IOLoop, mongo_url: str) -> Iterator[tuple[StallProxy, str]]:
+    """A ``StallProxy`` in front of the test server, and the URL that goes through it."""
+    if mongo_url.startswith("mongodb+srv://"):
+        services.unavailable("a mongodb+srv:// URL cannot be sent through a proxy")
+    parsed = parse_uri(mongo_url)
+    host, port = parsed["nodelist"][0]
+    proxy = StallProxy(host, port)
+    proxy_port = io_loop.run_sync(proxy.start)
+    scheme, rest = mongo_url.split("://", 1)
+    credentials, _, hosts_and_more = rest.rpartition("@")
+    tail = hosts_and_more.partition("/")[2]
+    path, _, query = tail.partition("?")
+    query = "&".join(q for q in (query, "directConnection=true") if q)
+    at = f"{credentials}@" if credentials else ""
+    yield proxy, f"{scheme}://{at}127.0.0.1:{proxy_port}/{path}?{query}"
+    io_loop.run_sync(proxy.close)
+
+
+@pytest.mark.parametrize("driver", ["pymongo", "motor"])
+async def test_start_tries_again_when_a_step_times_out_on_a_reachable_server(
+    stall_proxy: tuple[StallProxy, str],
+    make_store: Factory,
+    mongo_url: str,
+    unique_prefix: str,
+    driver: str,
+) -> None:
+    """An index build answering later than ``mongodb.timeout`` (a busy server) no longer ends
+    the start (it did, exit 1, on a loaded CI host): the step is tried again, logged."""
+    proxy, url = stall_proxy
+    proxy.stall_next(b"createIndexes", 2.0)
+    store = make_store(url=url, driver=driver, timeout=0.5, retry_delay=0.05)
+    with logs.expect_log("squall.store.mongo", r"mongo store: start-up step failed \(attempt 1 of"):
+        await store.start()
+    assert proxy.stalled == 1
+    assert store.status().ready
+    client = raw_client(mongo_url)
+    try:
+        indexes = await client[unique_prefix]["publications"].index_information()
+    finally:
+        await client.close()
+    assert set(indexes) == set(EXPECTED_INDEXES)
+
+
+async def test_a_retried_start_is_not_taken_for_a_crash_of_its_own_node(
+    stall_proxy: tuple[StallProxy, str], make_store: Factory, mongo_url: str, unique_prefix: str
+) -> None:
+    """The marker write is applied but its answer comes too late: the step is tried again and
+    finds the node marked running, by this very start. That is no crash (a crash would make
+    every restored stream skip queue_size offsets)."""
+    proxy, url = stall_proxy
+    proxy.stall_next(b"\x02update\x00", 2.0)  # the command's first key: the marker's upsert
+    store = make_store(url=url, timeout=0.5, retry_delay=0.05, queue_size=10)
+    await store.start()
+    assert proxy.stalled == 1
+    assert logs.seen("squall.store.mongo", r"start-up step failed")
+    assert not logs.seen("squall.store.mongo", r"did not close")
+    await store.append("k", pub(1), KEEP)
+    await eventually(_drained(store), within=5.0)
+    assert await store.resume("k") == StreamPosition(1, "e1")  # not 11
+    client = raw_client(mongo_url)
+    try:
+        markers = await client[unique_prefix]["publications_writers"].find({}).to_list(None)
+    finally:
+        await client.close()
+    assert [m.get("crashes") for m in markers] == [[]]
 
 
 @pytest.fixture

@@ -17,14 +17,21 @@ from typing import Any
 
 import pytest
 from bson.errors import InvalidDocument
+from pymongo import AsyncMongoClient
 from tornado.ioloop import IOLoop
 
 from server.config import TelemetryConfig
-from server.telemetry_mongo import MAX_CHUNK_CELLS, MongoTelemetryStore, chunk_runs
+from server.telemetry_mongo import (
+    CHUNK_BUCKET_INDEX,
+    CHUNK_INDEX,
+    MAX_CHUNK_CELLS,
+    MongoTelemetryStore,
+    chunk_runs,
+)
 from server.telemetry_store import MS_PER_DAY, Point, device_metric_limit
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config
-from tests.engines.test_store_mongo import ferretdb, tolerates_pymongo_socket_leak
+from tests.engines.test_store_mongo import ferretdb, stall_proxy, tolerates_pymongo_socket_leak
 from tests.engines.test_telemetry_store_contract import (
     BUCKET_MS,
     CFG,
@@ -34,8 +41,9 @@ from tests.engines.test_telemetry_store_contract import (
     written,
 )
 from tests.helpers import logs, services
+from tests.helpers.stall_proxy import StallProxy
 
-__all__ = ["ferretdb"]  # a fixture of test_store_mongo, used here too
+__all__ = ["ferretdb", "stall_proxy"]  # fixtures of test_store_mongo, used here too
 
 Factory = Callable[..., MongoTelemetryStore]
 
@@ -177,6 +185,31 @@ async def test_the_flusher_drops_only_a_write_that_fails_unexpectedly_and_goes_o
         + [("good-3", T0)]
     )
     assert await store.query("poison", "v", T0, T0 + BUCKET_MS, BUCKET_MS) == []
+
+
+async def test_start_tries_again_when_an_index_build_answers_late(
+    stall_proxy: tuple[StallProxy, str], make_store: Factory, mongo_url: str, unique_prefix: str
+) -> None:
+    """An index build answering later than ``mongodb.timeout`` (a busy server) is tried again
+    instead of ending the start ("cannot create indexes", exit 1, on a loaded CI host)."""
+    proxy, url = stall_proxy
+    proxy.stall_next(b"createIndexes", 2.0)
+    store = make_store(mongo_url=url, mongo_timeout=0.5, mongo_retry_delay=0.05)
+    with logs.expect_log("squall.store.mongo", r"telemetry store: start-up step failed"):
+        await store.start()
+    assert proxy.stalled == 1
+    await store.add("dev", [Point(T0, {"t": 1.0})], T0)
+    await written(store)
+    chunks = await stored(mongo_url, unique_prefix, CFG.points_collection)
+    assert chunk_points(chunks) == [("dev", T0)]
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_url, serverSelectionTimeoutMS=5000
+    )
+    try:
+        indexes = await client[unique_prefix][CFG.points_collection].index_information()
+    finally:
+        await client.close()
+    assert set(indexes) == {"_id_", CHUNK_INDEX, CHUNK_BUCKET_INDEX}
 
 
 async def test_status_reports_a_flusher_that_stopped(make_store: Factory) -> None:
