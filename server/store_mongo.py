@@ -795,7 +795,9 @@ class MongoStore:
         try:
             await self._create_indexes(self._client.coll)
             await self._client.writers.update_one(
-                {"_id": self._node}, {"$set": {"running": True}}, upsert=True
+                {"_id": self._node},
+                {"$set": {"running": True, "start": self._start_id}},
+                upsert=True,
             )
         except ConnectionFailure:
             raise  # still unreachable: the flusher retries

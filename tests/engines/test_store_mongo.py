@@ -32,6 +32,7 @@ from server.store_mongo import (
 from tests.engines import eventually
 from tests.engines.test_store_contract import mongo_config, pub
 from tests.helpers import logs, services
+from tests.helpers.server import TIME_FACTOR
 from tests.helpers.stall_proxy import StallProxy
 
 KEEP = PersistOptions()
@@ -334,6 +335,7 @@ async def test_expired_documents_are_deleted_in_the_background(
     await eventually(deleted, within=5.0)
 
 
+@tolerates_pymongo_socket_leak
 async def test_url_password_is_never_logged(make_store: Factory) -> None:
     """A failing start names the host but neither the error nor the logs carry the password."""
     port = services.free_port()  # nothing listens there
@@ -343,14 +345,21 @@ async def test_url_password_is_never_logged(make_store: Factory) -> None:
     assert "s3cret-pw" not in str(err.value)
     assert not logs.seen("squall.store.mongo", "trying again")  # unreachable: fails at once
     assert not logs.seen("", "s3cret-pw")  # any logger
+    gc.collect()  # the monitor's socket to the dead port, if already unreferenced
 
 
 @pytest.fixture
 def stall_proxy(io_loop: IOLoop, mongo_url: str) -> Iterator[tuple[StallProxy, str]]:
-    """A ``StallProxy`` in front of the test server, and the URL that goes through it."""
+    """A ``StallProxy`` in front of the test server, and the URL that goes through it.
+
+    The proxy reads the requests, so TLS and ``mongodb+srv://`` URLs (TLS by default) do
+    not go through it; with a replica set, the URL's first host must be the primary.
+    """
     if mongo_url.startswith("mongodb+srv://"):
         services.unavailable("a mongodb+srv:// URL cannot be sent through a proxy")
     parsed = parse_uri(mongo_url)
+    if parsed["options"].get("tls") or parsed["options"].get("ssl"):
+        services.unavailable("a TLS MongoDB URL cannot be sent through a proxy")
     host, port = parsed["nodelist"][0]
     proxy = StallProxy(host, port)
     proxy_port = io_loop.run_sync(proxy.start)
@@ -365,6 +374,7 @@ def stall_proxy(io_loop: IOLoop, mongo_url: str) -> Iterator[tuple[StallProxy, s
 
 
 @pytest.mark.parametrize("driver", ["pymongo", "motor"])
+@tolerates_pymongo_socket_leak  # the test before it (a dead port) may leak one here
 async def test_start_tries_again_when_a_step_times_out_on_a_reachable_server(
     stall_proxy: tuple[StallProxy, str],
     make_store: Factory,
@@ -375,8 +385,8 @@ async def test_start_tries_again_when_a_step_times_out_on_a_reachable_server(
     """An index build answering later than ``mongodb.timeout`` (a busy server) no longer ends
     the start (it did, exit 1, on a loaded CI host): the step is tried again, logged."""
     proxy, url = stall_proxy
-    proxy.stall_next(b"createIndexes", 2.0)
-    store = make_store(url=url, driver=driver, timeout=0.5, retry_delay=0.05)
+    proxy.stall_next(b"createIndexes", 2.5 * TIME_FACTOR)
+    store = make_store(url=url, driver=driver, timeout=TIME_FACTOR, retry_delay=0.05)
     with logs.expect_log("squall.store.mongo", r"mongo store: start-up step failed \(attempt 1 of"):
         await store.start()
     assert proxy.stalled == 1
@@ -389,6 +399,7 @@ async def test_start_tries_again_when_a_step_times_out_on_a_reachable_server(
     assert set(indexes) == set(EXPECTED_INDEXES)
 
 
+@tolerates_pymongo_socket_leak
 async def test_a_retried_start_is_not_taken_for_a_crash_of_its_own_node(
     stall_proxy: tuple[StallProxy, str], make_store: Factory, mongo_url: str, unique_prefix: str
 ) -> None:
@@ -396,8 +407,8 @@ async def test_a_retried_start_is_not_taken_for_a_crash_of_its_own_node(
     finds the node marked running, by this very start. That is no crash (a crash would make
     every restored stream skip queue_size offsets)."""
     proxy, url = stall_proxy
-    proxy.stall_next(b"\x02update\x00", 2.0)  # the command's first key: the marker's upsert
-    store = make_store(url=url, timeout=0.5, retry_delay=0.05, queue_size=10)
+    proxy.stall_next(b"\x02update\x00", 2.5 * TIME_FACTOR)  # the marker's upsert (first key)
+    store = make_store(url=url, timeout=TIME_FACTOR, retry_delay=0.05, queue_size=10)
     await store.start()
     assert proxy.stalled == 1
     assert logs.seen("squall.store.mongo", r"start-up step failed")

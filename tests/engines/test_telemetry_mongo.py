@@ -41,6 +41,7 @@ from tests.engines.test_telemetry_store_contract import (
     written,
 )
 from tests.helpers import logs, services
+from tests.helpers.server import TIME_FACTOR
 from tests.helpers.stall_proxy import StallProxy
 
 __all__ = ["ferretdb", "stall_proxy"]  # fixtures of test_store_mongo, used here too
@@ -193,8 +194,8 @@ async def test_start_tries_again_when_an_index_build_answers_late(
     """An index build answering later than ``mongodb.timeout`` (a busy server) is tried again
     instead of ending the start ("cannot create indexes", exit 1, on a loaded CI host)."""
     proxy, url = stall_proxy
-    proxy.stall_next(b"createIndexes", 2.0)
-    store = make_store(mongo_url=url, mongo_timeout=0.5, mongo_retry_delay=0.05)
+    proxy.stall_next(b"createIndexes", 2.5 * TIME_FACTOR)
+    store = make_store(mongo_url=url, mongo_timeout=TIME_FACTOR, mongo_retry_delay=0.05)
     with logs.expect_log("squall.store.mongo", r"telemetry store: start-up step failed"):
         await store.start()
     assert proxy.stalled == 1
