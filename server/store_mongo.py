@@ -183,30 +183,37 @@ def start_transient(exc: BaseException) -> bool:
 
 
 async def start_steps(
-    what: str, backoff: Backoff, steps: Callable[[], Awaitable[_T]], describe: Callable[..., str]
+    what: str,
+    backoff: Backoff,
+    steps: Callable[[], Awaitable[_T]],
+    describe: Callable[[BaseException], str],
 ) -> _T:
     """Run an engine's idempotent start-up ``steps``, again after a transient failure.
 
     Up to ``START_ATTEMPTS`` runs, each retry logged at WARNING; the last failure
-    (or the first one that is not transient) is raised as it is.
+    (or the first one that is not transient) is raised as it is. ``backoff`` paces
+    the retries and is reset when they are over.
     """
-    for attempt in range(1, START_ATTEMPTS + 1):
-        try:
-            return await steps()
-        except Exception as exc:
-            if attempt == START_ATTEMPTS or not start_transient(exc):
-                raise
-            delay = backoff.next()
-            log.warning(
-                "%s: start-up step failed (attempt %d of %d), trying again in %.2fs error=%s",
-                what,
-                attempt,
-                START_ATTEMPTS,
-                delay,
-                describe(exc),
-            )
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # the loop returns or raises
+    try:
+        for attempt in range(1, START_ATTEMPTS):
+            try:
+                return await steps()
+            except Exception as exc:
+                if not start_transient(exc):
+                    raise
+                delay = backoff.next()
+                log.warning(
+                    "%s: start-up step failed (attempt %d of %d), trying again in %.2fs error=%s",
+                    what,
+                    attempt,
+                    START_ATTEMPTS,
+                    delay,
+                    describe(exc),
+                )
+                await asyncio.sleep(delay)
+        return await steps()  # the last try: whatever it raises ends the start
+    finally:
+        backoff.reset()
 
 
 def check_url(url: str) -> None:
@@ -323,7 +330,6 @@ class MongoStore:
                 return await self._register(client.writers)
 
             self._crashes = await start_steps("mongo store", self._backoff, steps, self._describe)
-            self._backoff.reset()
         except Exception as exc:
             if self._client is not None:
                 await self._client.close()

@@ -401,7 +401,6 @@ class MongoTelemetryStore:
 
         try:
             await start_steps("telemetry store", self._backoff, steps, self._describe)
-            self._backoff.reset()
         except _LegacyLayout:
             await self._client.close()
             self._client = None
