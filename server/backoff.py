@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 from typing import Final
 
 MAX_STEPS: Final = 30  # 2**30 * base is far past any cap; avoids float overflow
+
+
+def raise_if_cancelling() -> None:
+    """Raise ``CancelledError`` in a task that is being cancelled.
+
+    A driver may catch the cancellation delivered inside its call and raise an error
+    of its own instead: a background loop that retries on errors would then go on
+    for good, and the process would never exit (``asyncio.run`` waits for every
+    task it cancelled). Such loops call this before each retry.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Backoff:

@@ -79,7 +79,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from server.backoff import Backoff
+from server.backoff import Backoff, raise_if_cancelling
 from server.broker import (
     Broker,
     BrokerEvents,
@@ -550,6 +550,7 @@ class RedisBroker:
         stable_after = max(self._cfg.reconnect_max_delay, _STABLE_LINK)
         up_since = time.monotonic()
         while True:
+            raise_if_cancelling()
             if conn is None:
                 conn, channels = await self._reconnect(backoff)
                 up_since = time.monotonic()
@@ -580,6 +581,7 @@ class RedisBroker:
     async def _reconnect(self, backoff: Backoff) -> tuple[AbstractConnection, list[str]]:
         while True:
             await asyncio.sleep(backoff.next())
+            raise_if_cancelling()
             try:
                 return await self._connect_link()
             except _ERRORS as exc:

@@ -120,7 +120,7 @@ from bson import ObjectId
 from bson.errors import InvalidDocument
 from bson.raw_bson import RawBSONDocument
 
-from server.backoff import Availability, Backoff
+from server.backoff import Availability, Backoff, raise_if_cancelling
 from server.broker import ClientInfo, Publication, StreamPosition
 from server.config import MongoConfig, check_mongo
 from server.errors import ConfigError, EngineError, StoreFullError, StoreRejectedError
@@ -747,6 +747,7 @@ class MongoStore:
         the queue is written as soon as the server answers, until the deadline
         (``_stop``) ends it.
         """
+        raise_if_cancelling()
         delay = self._backoff.next()
         await _wait(self._stop if self._closing else self._close_started, delay)
 
@@ -881,6 +882,7 @@ class MongoStore:
         from pymongo.errors import PyMongoError
 
         while not await _wait(self._stop, self._cfg.retention_interval):
+            raise_if_cancelling()
             try:
                 await self._retention_pass()
             except asyncio.CancelledError:

@@ -141,7 +141,7 @@ from typing import Any, Final
 
 from bson.errors import InvalidDocument
 
-from server.backoff import Availability, Backoff
+from server.backoff import Availability, Backoff, raise_if_cancelling
 from server.config import MongoConfig, TelemetryConfig
 from server.errors import ConfigError, EngineError, StoreFullError
 from server.store import StoreStatus
@@ -850,6 +850,7 @@ class MongoTelemetryStore:
         the queue is written as soon as the server answers, until ``close``
         cancels the flusher at its deadline.
         """
+        raise_if_cancelling()
         delay = self._backoff.next()
         if self._closing:
             await asyncio.sleep(delay)  # retry backoff, not a sync point
@@ -1170,6 +1171,7 @@ class MongoTelemetryStore:
         interval = min(self._cfg.bucket_seconds, 10.0)
         while True:
             await asyncio.sleep(interval)  # a periodic pass, not a sync point
+            raise_if_cancelling()
             try:
                 await self.seal(int(time.time() * 1000))
             except EngineError as exc:
@@ -1182,6 +1184,7 @@ class MongoTelemetryStore:
     async def _retention_forever(self) -> None:
         while True:
             await asyncio.sleep(self._cfg.retention_interval)  # a periodic pass, not a sync point
+            raise_if_cancelling()
             try:
                 deleted = await self.retain(int(time.time() * 1000))
             except EngineError as exc:

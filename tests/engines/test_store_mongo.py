@@ -8,6 +8,7 @@ separate ``AsyncMongoClient``, never through the store under test.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterator
@@ -424,6 +425,38 @@ async def test_a_retried_start_is_not_taken_for_a_crash_of_its_own_node(
     assert [m.get("crashes") for m in markers] == [[]]
 
 
+async def test_a_flusher_cancelled_inside_a_driver_call_that_swallows_it_still_ends(
+    make_store: Factory,
+) -> None:
+    """The driver may turn the cancellation delivered inside its call into an error of its
+    own. The flusher, which retries on errors, must end anyway: at a shutdown deadline
+    asyncio.run cancels it and waits, and a flusher retrying for good kept the process
+    from exiting (a CI run on a slow host). A real server cannot time this; a stand-in
+    write does what the driver did."""
+    store = make_store(shutdown_flush_timeout=0.2)
+    await store.start()
+    entered = asyncio.Event()
+
+    async def write_that_swallows_cancel() -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("connection closed while cancelled") from None
+
+    store._flush_batch = write_that_swallows_cancel  # type: ignore[method-assign]
+    await store.append("c", pub(1), KEEP)
+    await asyncio.wait_for(entered.wait(), 5.0)
+    flusher = next(t for t in store._tasks if t.get_name() == "squall-mongo-flusher")
+    with logs.expect_log("squall.store.mongo", r"flusher failed; retrying"):
+        flusher.cancel()
+        done, _ = await asyncio.wait([flusher], timeout=5.0)
+    assert done, "the flusher is still running"
+    assert flusher.cancelled()
+    with logs.expect_log("squall.store.mongo", r"closed with 1 accepted publications not written"):
+        await store.close()
+
+
 @pytest.fixture
 def ferretdb() -> Iterator[services.ServiceProcess]:
     """A FerretDB of this test's own, to kill and restart.
@@ -529,7 +562,7 @@ async def test_close_cuts_a_retry_backoff_short_and_writes_the_queue(
     url = f"mongodb://127.0.0.1:{ferretdb.port}/"
     store = make_store(
         url=url,
-        timeout=0.5,
+        timeout=2.0,  # 0.5 s failed every reconnect of a starved CI host for 10 s
         retry_delay=60.0,  # the first retry would come 30 to 60 s later
         retry_max_delay=60.0,
         shutdown_flush_timeout=10.0,
