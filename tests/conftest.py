@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import pytest_tornasync.plugin as tornasync
 
-from tests.helpers import logs, services
+from tests.helpers import logs, scratch, services
 
 pytest_plugins = ["tests.helpers.server"]
 
@@ -34,6 +34,16 @@ def _async_test_timeout(item: pytest.Function) -> float | None:
 
 
 tornasync.get_test_timeout = _async_test_timeout  # looked up at each call
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _scratch_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Working directories of started processes go under this run's basetemp (kept for
+    the last few runs by pytest, then removed) rather than piling up in /tmp.
+    Autouse and session-scoped, so it is set before the session's Redis and FerretDB."""
+    scratch.set_base(tmp_path_factory.mktemp("processes", numbered=False))
+    yield
+    scratch.set_base(None)
 
 
 @pytest.fixture(autouse=True)

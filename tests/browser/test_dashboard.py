@@ -28,7 +28,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +38,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.process import SquallProcess, clean_env, run_cli
+from tests.helpers.scratch import scratch_dir
 from tests.helpers.server import API_KEY, SECRET, TIME_FACTOR
 from tests.helpers.server import token as mint_token
 from tests.helpers.services import REPO, unavailable
@@ -92,7 +92,7 @@ def run_simulator(
     squall: SquallProcess, devices: int, duration: float
 ) -> Iterator[subprocess.Popen[bytes]]:
     """``devices`` simulated devices sending SIM_HZ points/s for ``duration`` s; stopped by pid."""
-    log = Path(tempfile.mkdtemp(prefix="squall-sim-")) / "simulate.log"
+    log = scratch_dir("squall-sim-") / "simulate.log"
     argv = [
         sys.executable,
         "-m",

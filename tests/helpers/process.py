@@ -36,7 +36,6 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -48,6 +47,7 @@ import pytest
 import yaml
 
 from server.config import ENV_OVERRIDES
+from tests.helpers.scratch import scratch_dir
 from tests.helpers.server import BASE_CONFIG, TIME_FACTOR, set_dotted
 from tests.helpers.services import REPO, free_port
 
@@ -126,7 +126,7 @@ class SquallProcess:
     ) -> None:
         self.port = port or free_port()
         self.max_open_files = max_open_files
-        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="squall-proc-"))
+        self.workdir = workdir or scratch_dir("squall-proc-")
         self.config = copy.deepcopy(BASE_CONFIG if config is None else config)
         set_dotted(self.config, "server.port", self.port)
         for key, value in (overrides or {}).items():

@@ -28,11 +28,12 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers.scratch import scratch_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,7 +131,7 @@ def start_redis(port: int | None = None) -> ServiceProcess:
     if binary is None:
         raise RuntimeError("redis-server not found (apt-get install -y redis-server)")
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="squall-redis-"))
+    workdir = scratch_dir("squall-redis-")
     argv = [
         binary,
         "--bind",
@@ -156,7 +157,7 @@ def start_ferretdb(port: int | None = None, workdir: Path | None = None) -> Serv
     if binary is None:
         raise RuntimeError("ferretdb not found (run scripts/install-services)")
     port = port or free_port()
-    workdir = workdir or Path(tempfile.mkdtemp(prefix="squall-ferretdb-"))
+    workdir = workdir or scratch_dir("squall-ferretdb-")
     data = workdir / "data"
     data.mkdir(exist_ok=True)
     argv = [
