@@ -7,7 +7,9 @@
 
 Exit codes: 0 after a clean shutdown, 1 when an engine cannot start or the listen
 address cannot be bound (a line on stderr says why), 2 for invalid configuration or
-arguments.
+arguments, 3 when a shutdown did not finish: the process was still running
+``EXIT_GRACE`` seconds after ``server.shutdown_timeout`` and ended itself (an ERROR
+line names what was still running).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import gc
 import json
 import logging
 import math
+import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -34,6 +38,8 @@ DEV_SECRET = "squall-development-secret-change-me-please"  # noqa: S105 - detect
 DEV_API_KEY = "squall-development-api-key-change-me"
 LISTEN_BACKLOG = 4096
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+EXIT_GRACE = 5.0  # seconds past server.shutdown_timeout before a stuck shutdown is cut short
+EXIT_STUCK = 3
 
 
 def log_level(text: str) -> str:
@@ -124,6 +130,50 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def arm_exit_watchdog(loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    """End the process if it is still running ``EXIT_GRACE`` seconds after ``deadline``
+    (``time.monotonic()`` seconds), the end of its shutdown.
+
+    The drain and the engines' close are bounded by ``server.shutdown_timeout``;
+    after them ``asyncio.run`` cancels the tasks still running and waits for them
+    and for the default executor's threads, with no limit. A task that ignores its
+    cancellation (a third-party driver's, say) or a thread stuck in a system call
+    would keep the process from exiting until something SIGKILLs it. This timer
+    thread then logs what is still running and exits with ``EXIT_STUCK``. A thread,
+    so that a blocked event loop cannot hold it up either; a daemon never cancelled,
+    so that it also covers the interpreter's exit, which joins worker threads
+    (Motor's among them).
+    """
+    delay = max(0.0, deadline - time.monotonic()) + EXIT_GRACE
+
+    def fire() -> None:
+        try:
+            tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        except RuntimeError:  # the loop's task set changed under us too often
+            tasks = []
+        names = sorted({_task_name(t) for t in tasks})
+        log.error(
+            "shutdown did not finish %.0fs after it began (%d tasks still running%s): "
+            "exiting with code %d",
+            delay,
+            len(tasks),
+            f": {', '.join(names[:10])}" if names else "",
+            EXIT_STUCK,
+        )
+        logging.shutdown()  # flush the handlers: os._exit skips every cleanup
+        os._exit(EXIT_STUCK)
+
+    timer = threading.Timer(delay, fire)
+    timer.daemon = True
+    timer.name = "squall-exit-watchdog"
+    timer.start()
+
+
+def _task_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or task.get_name()
+
+
 def print_token(config: Config, args: argparse.Namespace) -> int:
     from server.auth import make_token
 
@@ -154,7 +204,8 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
 
 
 async def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then drain within ``server.shutdown_timeout``."""
+    """Run until SIGTERM/SIGINT, then drain within ``server.shutdown_timeout`` (and
+    exit at most ``EXIT_GRACE`` seconds after it, see ``arm_exit_watchdog``)."""
     from tornado.netutil import bind_sockets
 
     from server.app import make_app, make_server
@@ -220,6 +271,7 @@ async def serve(config: Config) -> None:
     await stop.wait()
 
     deadline = time.monotonic() + config.server.shutdown_timeout
+    arm_exit_watchdog(loop, deadline)
     log.info(
         "shutting down: %d connections, deadline %.0fs",
         len(hub.clients),

@@ -19,6 +19,7 @@ import tornado.websocket
 import yaml
 from pymongo import MongoClient
 
+import run
 from tests.helpers.process import ProcessGroup, SquallProcess, clean_env, http_get, run_cli
 from tests.helpers.server import SECRET, RawClient, token
 from tests.helpers.services import REPO, free_port
@@ -72,6 +73,53 @@ async def test_sigterm_closes_clients_with_3001_and_exits_0(procs):
     assert exit_code == 0, proc.log_tail()
     assert time.monotonic() - started < 5 + EXIT_DEADLINE
     assert "stopped" in proc.log_text()
+
+
+# Runs ``run.main`` (argv[1:]) with a task that swallows every cancellation, started
+# once the hub has: ``asyncio.run`` waits for it for ever after ``serve`` returns.
+_STUBBORN_TASK = """
+import asyncio, sys
+import run
+from server.hub import Hub
+
+async def stubborn_task():
+    while True:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+
+hub_start = Hub.start
+async def start(self):
+    await hub_start(self)
+    self.stubborn = asyncio.get_running_loop().create_task(stubborn_task())
+Hub.start = start
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+async def test_a_shutdown_that_cannot_finish_is_cut_short_after_the_deadline(procs):
+    """A task that ignores its cancellation (a driver's, say) kept the process alive
+    for ever after SIGTERM, 'stopped' logged and the port closed: now it exits with
+    code 3 five seconds after server.shutdown_timeout, with an ERROR naming the task."""
+    proc = procs(overrides={"server.shutdown_timeout": 1})
+    assert proc.argv[1].endswith("run.py")
+    proc.argv = [sys.executable, "-c", _STUBBORN_TASK, *proc.argv[2:]]
+    proc.start()
+    await proc.wait_ready_async()
+    started = time.monotonic()
+    proc.terminate()
+    code = await proc.wait_async(1 + run.EXIT_GRACE + EXIT_DEADLINE)
+    elapsed = time.monotonic() - started
+    log = proc.log_text()
+    assert code == run.EXIT_STUCK, log
+    assert elapsed >= 1 + run.EXIT_GRACE - 0.5, elapsed  # the drain had its full time
+    assert "stopped" in log  # serve() finished; asyncio.run's clean-up did not
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, log
+    assert "shutdown did not finish" in errors[0]
+    assert "stubborn_task" in errors[0]
+    assert f"exiting with code {run.EXIT_STUCK}" in errors[0]
 
 
 def test_invalid_config_exits_2_with_one_line_naming_the_key(tmp_path):
