@@ -9,7 +9,8 @@ Exit codes: 0 after a clean shutdown, 1 when an engine cannot start or the liste
 address cannot be bound (a line on stderr says why), 2 for invalid configuration or
 arguments, 3 when a shutdown did not finish: the process was still running
 ``EXIT_GRACE`` seconds after ``server.shutdown_timeout`` and ended itself (an ERROR
-line names what was still running).
+line names what was still running), 130 when interrupted (Ctrl-C) before the server
+runs.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ LISTEN_BACKLOG = 4096
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 EXIT_GRACE = 5.0  # seconds past server.shutdown_timeout before a stuck shutdown is cut short
 EXIT_STUCK = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 def log_level(text: str) -> str:
@@ -95,6 +97,16 @@ class OneLineFormatter(logging.Formatter):
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C before serve() takes SIGINT over (the imports and engine drivers
+        # loaded first take a few tenths of a second): one line, not a traceback.
+        print("squall: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))

@@ -122,6 +122,40 @@ async def test_a_shutdown_that_cannot_finish_is_cut_short_after_the_deadline(pro
     assert f"exiting with code {run.EXIT_STUCK}" in errors[0]
 
 
+# Runs ``run.main`` (argv[1:]) with the engine drivers' preload made 30 s long: the
+# window before serve() takes SIGINT over, wide enough to hit.
+_SLOW_PRELOAD = """
+import sys, time
+import run
+import server.engines
+
+def slow_preload(config):
+    print("preloading", file=sys.stderr, flush=True)
+    time.sleep(30)
+server.engines.preload = slow_preload
+sys.exit(run.main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_before_the_server_runs_exits_130_without_a_traceback(procs):
+    """Ctrl-C while run.py still imports the server and its drivers printed a
+    KeyboardInterrupt traceback: now one line and exit code 130."""
+    proc = procs()
+    proc.argv = [sys.executable, "-c", _SLOW_PRELOAD, *proc.argv[2:]]
+    proc.start()
+    deadline = time.monotonic() + 20
+    while "preloading" not in proc.log_text():
+        assert proc.running, proc.log_tail()
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.01)
+    proc.signal(signal.SIGINT)
+    code = proc.wait(5)
+    log = proc.log_text()
+    assert code == run.EXIT_INTERRUPTED, log
+    assert "Traceback" not in log
+    assert log.rstrip().endswith("squall: interrupted"), log
+
+
 def test_invalid_config_exits_2_with_one_line_naming_the_key(tmp_path):
     """A config with client.max_queue_bytes: "1MB" makes run.py exit 2 with one line naming it."""
     path = tmp_path / "bad.yaml"
