@@ -123,9 +123,13 @@ async def test_a_shutdown_that_cannot_finish_is_cut_short_after_the_deadline(pro
 
 
 # Runs ``run.main`` (argv[1:]) with the engine drivers' preload made 30 s long: the
-# window before serve() takes SIGINT over, wide enough to hit.
+# window before serve() takes SIGINT over, wide enough to hit. SIGINT starts at
+# Python's default handler, as for a process started from a terminal: a suite run in
+# the background of a non-interactive shell (as CI may run it) hands its children
+# SIGINT ignored, and Python then leaves it ignored.
 _SLOW_PRELOAD = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import run
 import server.engines
 
