@@ -19,6 +19,7 @@ import logging
 import struct
 import sys
 import uuid
+import zlib
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -147,8 +148,11 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
     continuation without a start or a new message inside a fragmented one
     abort the connection; a message over ``max_message_size`` (declared
     lengths count, before any payload is read) closes it with 1009; text must
-    be UTF-8; control frames go to Tornado's ``_handle_message``. With
-    permessage-deflate (opt-in) Tornado's own reader runs.
+    be UTF-8; control frames go to Tornado's ``_handle_message``. Stricter
+    than Tornado: a frame that is not masked closes the connection with 1002
+    (RFC 6455 5.1). With permessage-deflate (opt-in) a message whose first
+    frame has RSV1 set is inflated whole by Tornado's decompressor (1009 when
+    it inflates past ``max_message_size``).
 
     ``own_close``: by the time ``on_close`` runs, every kind of ending looks the
     same on the protocol object (both sides marked terminated), so the code of
@@ -196,10 +200,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         # those suspended (their frames, the HTTP connection objects and two
         # tasks, about 3 KiB per connection). The frames are read in a task of
         # their own instead, and the handshake finishes.
-        if self._decompressor is not None:
-            reader = asyncio.ensure_future(super()._receive_frame_loop())
-        else:
-            reader = asyncio.ensure_future(self._read_loop())
+        reader = asyncio.ensure_future(self._read_loop())
         _readers.add(reader)
         reader.add_done_callback(_readers.discard)
 
@@ -221,8 +222,10 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
         stream = self.stream
         handler = self.handler
         max_size = self.params.max_message_size
+        decompressor = self._decompressor  # permessage-deflate negotiated (opt-in)
         fragments: bytearray | None = None  # a fragmented message being gathered
         fragments_opcode = 0
+        compressed = False  # RSV1 on the data message's first frame
         data = b""  # bytes read and not parsed yet
         want = 0  # > 0: bytes the incomplete frame at the start of data still needs
         work = 0
@@ -241,8 +244,12 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                 b1 = data[i + 1]
                 opcode = b0 & 0x0F
                 length = b1 & 0x7F
-                if b0 & 0x70 or (opcode & 0x8 and length >= 126):
-                    self._abort()  # reserved bits (no extension), or a long control frame
+                rsv = b0 & 0x70
+                # Reserved bits: only RSV1 (compressed), only with permessage-deflate
+                # and only on a data message's first frame (RFC 7692 6).
+                bad_rsv = rsv and (rsv != 0x40 or decompressor is None or not 0 < opcode < 8)
+                if bad_rsv or (opcode & 0x8 and length >= 126):
+                    self._abort()  # or a long control frame
                     return
                 head = i + 2
                 if length == 126:
@@ -259,10 +266,16 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     self.close(1009, "message too big")
                     self._abort()
                     return
-                mask = b""
-                if b1 & 0x80:
-                    mask = data[head : head + 4]
-                    head += 4
+                if not b1 & 0x80:
+                    # RFC 6455 5.1: a client masks every frame, and the server closes
+                    # the connection on one that is not (masking keeps a hostile
+                    # page from writing bytes of its choosing through proxies).
+                    log.info("unmasked client frame: connection closed with 1002")
+                    self.close(1002, "client frames must be masked")
+                    self._abort()
+                    return
+                mask = data[head : head + 4]
+                head += 4
                 end = head + length
                 if end > n:
                     if head <= n:
@@ -280,8 +293,7 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     await asyncio.sleep(0)  # a busy connection lets the others in
                     if self._ended():
                         return
-                if mask:
-                    payload = _websocket_mask(mask, payload)
+                payload = _websocket_mask(mask, payload)
                 final = b0 & 0x80
                 if opcode & 0x8:
                     if not final:
@@ -309,9 +321,22 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                 elif fragments is not None:
                     self._abort()  # a new message inside a fragmented one
                     return
-                elif not final:
-                    fragments, fragments_opcode = bytearray(payload), opcode
-                    continue
+                else:
+                    compressed = bool(rsv)
+                    if not final:
+                        fragments, fragments_opcode = bytearray(payload), opcode
+                        continue
+                if compressed and decompressor is not None:
+                    try:
+                        payload = decompressor.decompress(payload)
+                    except tornado.websocket._DecompressTooLargeError:
+                        self.close(1009, "message too big after decompression")
+                        self._abort()
+                        return
+                    except zlib.error as exc:
+                        log.info("compressed message that does not inflate (%s): aborted", exc)
+                        self._abort()
+                        return
                 message: str | bytes
                 if opcode == 0x1:
                     try:

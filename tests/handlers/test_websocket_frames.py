@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,6 +59,17 @@ def frame(
     return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # every compressed message ends so; sent without it
+
+
+def deflated(data: bytes) -> bytes:
+    """``data`` compressed as one permessage-deflate message (RFC 7692 7.2.1)."""
+    z = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    out = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+    assert out.endswith(DEFLATE_TAIL)
+    return out[: -len(DEFLATE_TAIL)]
+
+
 def command(cmd_id: int, method: str, params: dict[str, Any] | None = None) -> bytes:
     return orjson.dumps({"id": cmd_id, method: params or {}})
 
@@ -71,6 +83,10 @@ class TcpClient:
         self.reader = reader
         self.writer = writer
         self.head = head  # the server's 101 response, status line and headers
+        # permessage-deflate accepted: the server's compressed frames are inflated
+        # (one context for the whole connection, as the server keeps its own).
+        deflate = "permessage-deflate" in self.headers().get("sec-websocket-extensions", "")
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflate else None
 
     @classmethod
     async def open(cls, sq: RunningSquall, *, key: str = "", extra: str = "") -> TcpClient:
@@ -115,7 +131,10 @@ class TcpClient:
             n = struct.unpack("!H", await self.reader.readexactly(2))[0]
         elif n == 127:
             n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
-        return head[0] & 0x0F, await asyncio.wait_for(self.reader.readexactly(n), within)
+        payload = await asyncio.wait_for(self.reader.readexactly(n), within)
+        if head[0] & 0x40 and self.inflater is not None:
+            payload = self.inflater.decompress(payload + DEFLATE_TAIL)
+        return head[0] & 0x0F, payload
 
     async def replies(self, count: int) -> list[dict[str, Any]]:
         """The next ``count`` protocol replies (newline-batched frames split, pushes
@@ -128,9 +147,14 @@ class TcpClient:
             out.extend(r for r in lines if "id" in r)
         return out
 
-    async def connect(self, sub: str = "framer", pieces: int = 1) -> None:
-        """Connect, then subscribe to the bystander's channel (publishing there needs it)."""
-        await self.send(frame(TEXT, command(1, "connect", {"token": token(sub)})), pieces=pieces)
+    async def connect(self, sub: str = "framer", pieces: int = 1, deflate: bool = False) -> None:
+        """Connect (compressed: ``deflate``), then subscribe to the bystander's channel
+        (publishing there needs it)."""
+        connect = command(1, "connect", {"token": token(sub)})
+        if deflate:
+            await self.send(frame(TEXT, deflated(connect), rsv=0x40), pieces=pieces)
+        else:
+            await self.send(frame(TEXT, connect), pieces=pieces)
         await self.send(frame(TEXT, command(1_000, "subscribe", {"channel": "lobby"})))
         connected, subscribed = await self.replies(2)
         assert connected["connect"]["client"], connected
@@ -181,6 +205,19 @@ async def delivered(ok: Bystander, data: Any) -> None:
     push = await ok.client.next_push()
     assert push["push"]["pub"]["data"] == data
     await ok.still_works()
+
+
+async def dropped_without_reply(c: TcpClient, data: bytes, name: str) -> None:
+    """Sending ``data`` ends the connection (a disconnect logged) with no reply frame."""
+    with expect_log("squall.client", r"disconnect code=\d+ .*"):
+        await c.send(data)
+        got: list[tuple[int, bytes]] = []
+        while True:
+            opcode, payload = await c.next_frame()
+            if opcode == -1:
+                break
+            got.append((opcode, payload))
+    assert all(op != TEXT for op, _ in got), (name, got)
 
 
 async def test_handshake_answer_is_the_one_rfc6455_asks_for(squall, tcp):
@@ -248,8 +285,8 @@ async def test_many_frames_in_one_segment_are_answered_in_order(squall, tcp):
 
 
 async def test_every_length_encoding_is_read(squall, tcp):
-    """7-bit, 16-bit and 64-bit lengths, even a small payload in the long forms, and an
-    unmasked frame (accepted, as Tornado accepts it) all carry a command."""
+    """7-bit, 16-bit and 64-bit lengths, even a small payload in the long forms, all
+    carry a command."""
     sq, ok = await server_and_bystander(squall, **{"client.max_frame_bytes": 1 << 20})
     c = await tcp(sq)
     await c.connect()
@@ -257,10 +294,85 @@ async def test_every_length_encoding_is_read(squall, tcp):
     await c.send(frame(TEXT, command(2, "publish", {"channel": "lobby", "data": big})))
     await c.send(frame(TEXT, command(3, "ping"), length_bytes=2))
     await c.send(frame(TEXT, command(4, "ping"), length_bytes=8))
-    await c.send(frame(TEXT, command(5, "ping"), mask=False))
-    replies = await c.replies(4)
-    assert [r["id"] for r in replies] == [2, 3, 4, 5], replies
+    replies = await c.replies(3)
+    assert [r["id"] for r in replies] == [2, 3, 4], replies
     await delivered(ok, big)
+
+
+async def test_an_unmasked_frame_closes_1002(squall, tcp):
+    """RFC 6455 5.1: a client masks every frame, and the server closes the connection on
+    one that is not (Tornado accepted it), without running the command it carried."""
+    sq, ok = await server_and_bystander(squall)
+    c = await tcp(sq)
+    await c.connect()
+    with expect_log("squall.client", r"unmasked client frame"):
+        await c.send(frame(TEXT, command(2, "publish", {"channel": "lobby"}), mask=False))
+        code, ended = await c.ended()
+    assert (code, ended) == (1002, True)
+    await ok.still_works()  # its first push is its own: the publish was not run
+
+
+async def test_compressed_messages_are_inflated_whole(squall, tcp):
+    """With permessage-deflate (client.compression), compressed messages are read by the
+    same reader: one frame, or fragments with a ping between them, and an uncompressed
+    message between compressed ones; every command runs once, in order."""
+    sq, ok = await server_and_bystander(squall, **{"client.compression": True})
+    c = await tcp(sq, extra="Sec-WebSocket-Extensions: permessage-deflate\r\n")
+    assert c.inflater is not None, c.head
+    await c.send(frame(TEXT, deflated(command(1, "connect", {"token": token("zip")})), rsv=0x40))
+    await c.send(frame(TEXT, command(2, "subscribe", {"channel": "lobby"})))
+    body = deflated(command(3, "publish", {"channel": "lobby", "data": {"z": "z" * 5000}}))
+    a, b, rest = body[:7], body[7:20], body[20:]
+    await c.send(frame(TEXT, a, fin=False, rsv=0x40))
+    await c.send(frame(PING, b"mid"))
+    await c.send(frame(CONTINUATION, b, fin=False) + frame(CONTINUATION, rest), pieces=4)
+    got: list[Any] = []
+    while len([r for r in got if isinstance(r, dict) and "id" in r]) < 3:
+        opcode, payload = await c.next_frame()
+        if opcode == PONG:
+            got.append(payload)
+            continue
+        assert opcode == TEXT, (opcode, payload)
+        got.extend(orjson.loads(line) for line in payload.split(b"\n") if line)
+    assert b"mid" in got
+    replies = [r for r in got if isinstance(r, dict) and "id" in r]
+    assert [r["id"] for r in replies] == [1, 2, 3], got
+    assert replies[0]["connect"]["client"]
+    await delivered(ok, {"z": "z" * 5000})
+
+
+async def test_a_message_that_inflates_past_the_limit_closes_1009(squall, tcp):
+    """A few hundred bytes on the wire that inflate to 1 MiB (limit 64 KiB): 1009."""
+    sq, ok = await server_and_bystander(
+        squall, **{"client.compression": True, "client.max_frame_bytes": 65536}
+    )
+    c = await tcp(sq, extra="Sec-WebSocket-Extensions: permessage-deflate\r\n")
+    await c.connect(deflate=True)
+    bomb = deflated(command(2, "publish", {"channel": "lobby", "data": "x" * (1 << 20)}))
+    assert len(bomb) < 4096
+    with expect_log("squall.client", r"disconnect code=1009"):
+        await c.send(frame(TEXT, bomb, rsv=0x40))
+        code, ended = await c.ended()
+    assert (code, ended) == (1009, True)
+    await ok.still_works()
+
+
+async def test_misplaced_compression_bits_and_corrupt_data_drop_only_their_connection(squall, tcp):
+    """With permessage-deflate: RSV1 on a continuation or a control frame, another
+    reserved bit, or a compressed message that does not inflate ends that connection."""
+    sq, ok = await server_and_bystander(squall, **{"client.compression": True})
+    broken = {
+        "RSV1 on a continuation": frame(TEXT, deflated(b'{"id": 2,'), fin=False, rsv=0x40)
+        + frame(CONTINUATION, deflated(b'"ping": {}}'), rsv=0x40),
+        "RSV1 on a ping": frame(PING, deflated(b"x"), rsv=0x40),
+        "RSV2": frame(TEXT, command(2, "ping"), rsv=0x20),
+        "data that does not inflate": frame(TEXT, b"\xff" * 40, rsv=0x40),
+    }
+    for name, data in broken.items():
+        c = await tcp(sq, extra="Sec-WebSocket-Extensions: permessage-deflate\r\n")
+        await c.connect(sub="broken", deflate=True)
+        await dropped_without_reply(c, data, name)
+        await ok.still_works()
 
 
 async def test_fragmented_message_with_control_frames_between_fragments(squall, tcp):
@@ -336,15 +448,7 @@ async def test_broken_frames_drop_only_their_connection(squall, tcp):
     for name, data in BROKEN.items():
         c = await tcp(sq)
         await c.connect(sub="broken")
-        with expect_log("squall.client", r"disconnect code=\d+ .*"):
-            await c.send(data)
-            got: list[tuple[int, bytes]] = []
-            while True:
-                opcode, payload = await c.next_frame()
-                if opcode == -1:
-                    break
-                got.append((opcode, payload))
-        assert all(op != TEXT for op, _ in got), (name, got)
+        await dropped_without_reply(c, data, name)
         await ok.still_works()
 
 
