@@ -10,7 +10,8 @@ address cannot be bound (a line on stderr says why), 2 for invalid configuration
 arguments, 3 when a shutdown did not finish: the process was still running
 ``EXIT_GRACE`` seconds after ``server.shutdown_timeout`` and ended itself (an ERROR
 line names what was still running), 130 when interrupted (Ctrl-C) before the server
-runs.
+runs, or again during its shutdown (the first Ctrl-C, like SIGTERM, starts an orderly
+shutdown; a second one ends the process at once; a repeated SIGTERM does not).
 """
 
 from __future__ import annotations
@@ -181,6 +182,25 @@ def arm_exit_watchdog(loop: asyncio.AbstractEventLoop, deadline: float) -> None:
     timer.start()
 
 
+def force_exit(hub: Any) -> None:
+    """A second Ctrl-C during a shutdown: exit at once with ``EXIT_INTERRUPTED``,
+    saying what the unfinished shutdown would still have written."""
+    lost = ""
+    try:
+        publications = hub.store.status().queue_depth if hub else 0
+        points = hub.telemetry.status().queue_depth if hub else 0
+    except Exception:  # exit whatever the engines' state
+        log.exception("could not count what is still queued")
+        publications = points = 0
+    if publications or points:
+        lost = (
+            f"; not written to the stores: {publications} publications, {points} telemetry points"
+        )
+    log.warning("interrupted again: exiting now, without finishing the shutdown%s", lost)
+    logging.shutdown()  # flush the handlers: os._exit skips every cleanup
+    os._exit(EXIT_INTERRUPTED)
+
+
 def _task_name(task: asyncio.Task[Any]) -> str:
     coro = task.get_coro()
     return getattr(coro, "__qualname__", None) or task.get_name()
@@ -230,8 +250,20 @@ async def serve(config: Config) -> None:
     # killed the process outright.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    queued: list[Any] = []  # the hub, once made: what a forced exit would lose
+    first: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            first.append(sig)
+            stop.set()
+        elif sig == signal.SIGINT:
+            force_exit(queued[0] if queued else None)
+        else:  # a supervisor repeating SIGTERM must not cost what is still queued
+            log.info("%s during the shutdown: already shutting down", sig.name)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
 
     # Bind before any engine starts: a port in use (or a host that does not resolve)
     # is one line and exit 1, with no store opened and left unclosed (a MongoDB
@@ -247,6 +279,7 @@ async def serve(config: Config) -> None:
     node_id = uuid.uuid4().hex
     engines = make_engines(config, node_id=node_id)
     app, hub = make_app(config, engines, node_id=node_id)
+    queued.append(hub)
     if config.token.hmac_secret == DEV_SECRET:
         log.warning("token.hmac_secret is the development default: set SQUALL_TOKEN_HMAC_SECRET")
     if config.api.key == DEV_API_KEY:
@@ -285,9 +318,11 @@ async def serve(config: Config) -> None:
     deadline = time.monotonic() + config.server.shutdown_timeout
     arm_exit_watchdog(loop, deadline)
     log.info(
-        "shutting down: %d connections, deadline %.0fs",
+        "shutting down (%s): %d connections, deadline %.0fs%s",
+        first[0].name if first else "stop",
         len(hub.clients),
         config.server.shutdown_timeout,
+        "; Ctrl-C again to exit at once" if first and first[0] == signal.SIGINT else "",
     )
     hub.closing = True
     server.stop()

@@ -72,7 +72,10 @@ async def test_sigterm_closes_clients_with_3001_and_exits_0(procs):
     exit_code = await proc.wait_async(5 + EXIT_DEADLINE)
     assert exit_code == 0, proc.log_tail()
     assert time.monotonic() - started < 5 + EXIT_DEADLINE
-    assert "stopped" in proc.log_text()
+    log = proc.log_text()
+    assert "shutting down (SIGTERM): 1 connections" in log
+    assert "Ctrl-C" not in log  # a supervisor's SIGTERM: no hint meant for a terminal
+    assert "stopped" in log
 
 
 # Runs ``run.main`` (argv[1:]) with a task that swallows every cancellation, started
@@ -120,6 +123,38 @@ async def test_a_shutdown_that_cannot_finish_is_cut_short_after_the_deadline(pro
     assert "shutdown did not finish" in errors[0]
     assert "stubborn_task" in errors[0]
     assert f"exiting with code {run.EXIT_STUCK}" in errors[0]
+
+
+async def test_a_second_ctrl_c_during_the_shutdown_exits_at_once(procs):
+    """A shutdown that takes its time (here a task that ignores its cancellation, so it
+    would run to the watchdog): Ctrl-C starts it and says how to cut it short, a SIGTERM
+    then leaves it running, a second Ctrl-C ends the process at once with 130 and a
+    WARNING line."""
+    proc = procs(overrides={"server.shutdown_timeout": 1})
+    proc.argv = [sys.executable, "-c", _STUBBORN_TASK, *proc.argv[2:]]
+    proc.start()
+    await proc.wait_ready_async()
+    proc.signal(signal.SIGINT)
+    deadline = time.monotonic() + 10
+    while "stopped" not in proc.log_text():
+        assert time.monotonic() < deadline, proc.log_tail()
+        await asyncio.sleep(0.05)
+    assert "shutting down (SIGINT): 0 connections" in proc.log_text()
+    assert "Ctrl-C again to exit at once" in proc.log_text()
+    proc.terminate()
+    while "already shutting down" not in proc.log_text():
+        assert time.monotonic() < deadline, proc.log_tail()
+        await asyncio.sleep(0.05)
+    assert proc.running, proc.log_tail()
+    interrupted = time.monotonic()
+    proc.signal(signal.SIGINT)
+    code = await proc.wait_async(run.EXIT_GRACE)
+    log = proc.log_text()
+    assert code == run.EXIT_INTERRUPTED, log
+    assert time.monotonic() - interrupted < 2, log  # not the watchdog's exit
+    assert "interrupted again: exiting now" in log
+    assert "shutdown did not finish" not in log
+    assert "Traceback" not in log
 
 
 # Runs ``run.main`` (argv[1:]) with the engine drivers' preload made 30 s long: the
