@@ -241,6 +241,28 @@ async def test_subscribe_publish_and_receive_on_chat(squall, sdk):
         assert pub.info.client == alice.client_id
 
 
+async def test_permessage_deflate_negotiated_by_the_sdk_carries_everything(squall, sdk):
+    """With client.compression on, the SDK's WebSocket library (websockets) negotiates
+    permessage-deflate and compresses what it sends: commands and publications, a
+    large one too, go both ways."""
+    sq = await squall(**{"client.compression": True})
+    alice, _ = await sdk.connected(sq.ws_url, "alice")
+    bob, _ = await sdk.connected(sq.ws_url, "bob")
+    conn = sq.hub.clients[alice.client_id].transport._handler.ws_connection
+    assert conn._decompressor is not None  # the server inflates what alice sends
+    sub_a, ev_a, _ = await subscribed(alice, "chat:zip")
+    _, ev_b, _ = await subscribed(bob, "chat:zip")
+    big = {"text": "squall " * 6000}  # 42 KB, about 200 bytes compressed
+    for data in ({"n": 1}, big, {"n": 3}):
+        await sub_a.publish(data)
+    for events in (ev_b, ev_a):
+        got = [(await events.next("publication")).pub.data for _ in range(3)]
+        assert got == [{"n": 1}, big, {"n": 3}]
+    assert (await alice.rpc("echo", {"x": 1})).data == {"x": 1}
+    # What alice sent arrived compressed: far fewer bytes on the wire than in its messages.
+    assert conn._message_bytes_in > 42_000 > 10 * conn._wire_bytes_in
+
+
 async def test_presence_and_presence_stats_with_two_clients(squall, sdk):
     """Presence lists both subscribers; presence_stats counts 2 clients and 2 users."""
     sq = await squall()
