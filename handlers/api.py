@@ -27,7 +27,7 @@ from server.broker import StreamPosition
 from server.errors import ClientError
 from server.hub import Hub
 from server.protocol import pub_to_dict
-from server.protocol.codec import info_to_dict
+from server.protocol.codec import encode_data, info_to_dict
 
 log = logging.getLogger("squall.api")
 
@@ -117,7 +117,7 @@ class Api:
             opts = _without_history(opts)
         position = await self.hub.publish(
             channel,
-            orjson.dumps(data),
+            encode_data(data),
             opts,
             tags=_tags(p),
             idempotency_key=_str(p, "idempotency_key", required=False),
@@ -150,7 +150,7 @@ class Api:
         for key in ("data", "info"):
             value = _json_param(p, key)
             if value is not _ABSENT and value is not None:
-                extra[key] = orjson.dumps(value).decode()
+                extra[key] = encode_data(value, key).decode()
         await self.hub.control(
             "subscribe",
             user=user,
@@ -211,7 +211,7 @@ class Api:
             "message",
             user=user,
             client=client,
-            data=orjson.dumps(p["data"]).decode(),
+            data=encode_data(p["data"]).decode(),
         )
         return {}
 

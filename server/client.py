@@ -40,7 +40,7 @@ from server.protocol import (
     encode_reply,
     pub_to_dict,
 )
-from server.protocol.codec import info_to_dict
+from server.protocol.codec import encode_data, info_to_dict
 
 if TYPE_CHECKING:
     from server.hub import Hub
@@ -456,12 +456,14 @@ class Client:
                 self.user,
                 exc.message,
             )
-            self.enqueue(encode_error(cmd.id, exc.to_dict()))
+            if method != "send":  # one-way: never a reply (one with id 0 reads as a ping)
+                self.enqueue(encode_error(cmd.id, exc.to_dict()))
         except DisconnectError as exc:
             self.disconnect(exc.disconnect, exc.detail)
         except Exception:
             log.exception("command %s crashed client=%s", method, self.id)
-            self.enqueue(encode_error(cmd.id, codes.INTERNAL.to_dict()))
+            if method != "send":
+                self.enqueue(encode_error(cmd.id, codes.INTERNAL.to_dict()))
         else:
             if method == "send":
                 pass
@@ -987,7 +989,7 @@ class Client:
                 info=info,
             )
             return {}
-        await self._hub.publish(channel, orjson.dumps(p["data"]), opts, info=info)
+        await self._hub.publish(channel, encode_data(p["data"]), opts, info=info)
         return {}
 
     async def _cmd_presence(self, p: Mapping[str, Any]) -> Result:
@@ -1064,12 +1066,12 @@ class Client:
         handler = self._hub.rpc_handlers.get(method)
         if handler is None:
             raise ClientError(codes.METHOD_NOT_FOUND, f"rpc method {method!r} not found")
-        data = orjson.dumps(p.get("data"))
+        data = encode_data(p.get("data"))
         out = await handler(self, data)
         return {"data": orjson.Fragment(out)}
 
     async def _cmd_send(self, p: Mapping[str, Any]) -> Result:
-        self._hub.on_client_message(self, orjson.dumps(p.get("data")))
+        self._hub.on_client_message(self, encode_data(p.get("data")))
         return None
 
     async def _cmd_ping(self, p: Mapping[str, Any]) -> Result:

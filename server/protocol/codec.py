@@ -24,6 +24,7 @@ import orjson
 
 from server import codes
 from server.broker import ClientInfo, Publication
+from server.errors import ClientError
 from server.record import record
 
 
@@ -36,6 +37,21 @@ def compact(data: bytes) -> bytes:
     life) held about 4 KiB of memory (100 000 ten-byte values: 400 MB).
     """
     return bytes(memoryview(data))
+
+
+MAX_DATA_DEPTH: Final = 254  # nesting orjson encodes (it decodes up to 1024)
+
+
+def encode_data(value: Any, what: str = "data") -> bytes:
+    """A client's or the server API's JSON value (``data``, ``info``) as JSON again.
+
+    Raises ``ClientError`` 107 for a value JSON decoding gave but orjson cannot
+    encode: nesting deeper than ``MAX_DATA_DEPTH`` levels (it decodes 1024).
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise ClientError(codes.BAD_REQUEST, f"{what} cannot be encoded: {exc}") from None
 
 
 METHODS: Final = (

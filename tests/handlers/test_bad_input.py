@@ -415,6 +415,42 @@ async def test_badly_typed_params_get_107(squall, method, params):
     await ok.still_works()
 
 
+DEEP = (
+    "[" * 300 + "0" + "]" * 300
+)  # JSON decoders take it (orjson: 1024 levels); encoding stops at 254
+
+
+@pytest.mark.parametrize("method", ["publish", "rpc"])
+async def test_data_nested_too_deep_gets_107_not_an_internal_error(squall, method):
+    """Data nested 300 levels deep got error 100 (temporary, so SDKs may retry) and an
+    ERROR traceback per command: now 107 naming the problem, and nothing published."""
+    sq, ok = await server_and_bystander(squall)
+    c = await sq.raw(connect=True)
+    assert "subscribe" in await c.command("subscribe", {"channel": "lobby"})
+    params = '{"channel": "lobby", "method": "echo", "data": ' + DEEP + "}"
+    with expect_log("squall.client", rf"command {method} failed code=107 .*data cannot be encoded"):
+        await c.send_raw('{"id": 99, "' + method + '": ' + params + "}")
+        reply = await c.next()
+    assert reply["id"] == 99, reply
+    assert reply["error"]["code"] == 107, reply
+    assert "temporary" not in reply["error"], reply
+    await ok.still_works()  # its first push is its own: nothing reached the channel
+
+
+async def test_send_never_gets_a_reply_even_when_it_fails(squall):
+    """A send whose data cannot be encoded is logged and dropped: no reply (one with id 0
+    reads as the server's ping to centrifuge-js), the connection stays."""
+    sq = await squall()
+    got: list[bytes] = []
+    sq.hub.message_handlers.append(lambda client, data: got.append(data))
+    c = await sq.raw(connect=True)
+    with expect_log("squall.client", r"command send failed code=107"):
+        await c.send_raw('{"send": {"data": ' + DEEP + "}}")
+        assert await c.command("ping") == {"id": 2, "ping": {}}
+    assert list(c.inbox) == []  # nothing came before the ping's reply
+    assert got == []
+
+
 # ---------------------------------------------------------------------- floods and slow readers
 
 
@@ -722,6 +758,27 @@ async def test_api_bad_params_get_error_107(squall, method, params):
     status, reply = await api_call(sq, method, orjson.dumps(params))
     assert status == 200
     assert reply["error"]["code"] == 107, reply
+    await ok.still_works()
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [
+        ("publish", '{"channel": "lobby", "data": ' + DEEP + "}"),
+        ("broadcast", '{"channels": ["lobby"], "data": ' + DEEP + "}"),
+        ("send", '{"user": "bystander", "data": ' + DEEP + "}"),
+        ("subscribe", '{"user": "bystander", "channel": "chat:x", "data": ' + DEEP + "}"),
+    ],
+)
+async def test_api_data_nested_too_deep_gets_107(squall, method, body):
+    """Data 300 levels deep: HTTP 200 and error 107 naming it (was a 500 and a traceback)."""
+    sq, ok = await server_and_bystander(squall)
+    status, reply = await api_call(sq, method, body.encode())
+    assert status == 200
+    if method == "broadcast":
+        reply = reply["result"]["responses"][0]
+    assert reply["error"]["code"] == 107, reply
+    assert "cannot be encoded" in reply["error"]["message"], reply
     await ok.still_works()
 
 
