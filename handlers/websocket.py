@@ -66,6 +66,8 @@ class WebSocketTransport:
                 _ = self._handler.write_message(payload)  # flow control: the stream's buffer limit
             except tornado.websocket.WebSocketClosedError:
                 raise TransportError("closed") from None
+            except tornado.iostream.StreamBufferFullError:  # write_message lets it through
+                raise TransportBufferFull("write buffer full") from None
             return
         entry = frames.get(id(payload))
         if entry is not None and entry[0] is payload:
@@ -304,6 +306,15 @@ class _Protocol(tornado.websocket.WebSocketProtocol13):
                     except UnicodeDecodeError:  # a close frame's reason must be UTF-8
                         log.info("close frame with a reason that is not UTF-8: connection aborted")
                         self._abort()
+                        return
+                    except tornado.iostream.StreamBufferFullError:
+                        # The pong (or the echoed close) does not fit in what is left
+                        # of the write buffer: a peer that does not read, as for a push.
+                        client: Client | None = getattr(handler, "client", None)
+                        if client is not None:
+                            client.on_transport_full()
+                        else:  # pragma: no cover - open() makes the client
+                            self._abort()
                         return
                     if handled is not None:
                         await handled

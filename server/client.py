@@ -301,6 +301,10 @@ class Client:
         self._queued_bytes = 0
         self._loop.call_soon(self._slow)
 
+    def on_transport_full(self) -> None:
+        """A frame the transport wrote by itself (a pong) overflowed its buffer."""
+        self._slow()
+
     def _slow(self) -> None:
         self._queue = []
         self._queued_bytes = 0

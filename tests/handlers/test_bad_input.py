@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -544,6 +545,48 @@ async def test_slow_consumer_closed_with_3008_while_others_get_everything(squall
     assert msg["reason"] == "slow"
     assert received == list(range(1, len(received) + 1))
     assert len(received) < sent
+    await ok.still_works()
+
+
+async def test_slow_consumer_with_permessage_deflate_gets_3008_too(squall):
+    """With client.compression on, frames go through Tornado's write_message, which let
+    the buffer-full error through: the slow reader was closed with 3004 (internal
+    error) and an ERROR traceback. It gets 3008 slow, as without compression."""
+    sq, ok = await server_and_bystander(
+        squall, **{"client.max_queue_bytes": 64 * 1024, "client.compression": True}
+    )
+    ws = await tornado.websocket.websocket_connect(sq.ws_url, compression_options={})
+    slow = RawClient(ws)
+    sq.clients.append(slow)
+    slow_id = (await slow.connect(sub="slow"))["connect"]["client"]
+    assert "subscribe" in await slow.command("subscribe", {"channel": "chat:zip"})
+    sent = 0
+    with expect_log("squall.client", rf"disconnect code=3008 reason=slow client={slow_id}"):
+        while slow_id in sq.hub.clients:
+            assert sent < 2000, "the slow client was never disconnected"
+            sent += 1
+            blob = base64.b64encode(os.urandom(12_000)).decode()  # does not compress away
+            reply = await sq.api("publish", {"channel": "chat:zip", "data": {"b": blob}})
+            assert "result" in reply, reply
+    while "closed" not in (msg := await slow.next(within=5)):
+        pass
+    assert (msg["closed"], msg["reason"]) == (3008, "slow")
+    await ok.still_works()
+
+
+async def test_a_pong_that_does_not_fit_the_write_buffer_ends_in_3008(squall):
+    """client.max_queue_bytes bounds the pongs Tornado writes too: a pong that did not
+    fit in what was left of the buffer escaped the frame reader (an ERROR traceback and
+    an abort). It ends the connection as any backlog does, 3008 slow."""
+    sq, ok = await server_and_bystander(squall)
+    c = await sq.raw()
+    client_id = (await c.connect(sub="pinger"))["connect"]["client"]
+    stream = sq.hub.clients[client_id].transport._handler.ws_connection.stream
+    stream.max_write_buffer_size = 64  # a buffer this close to full: no room for 127 bytes
+    with expect_log("squall.client", rf"disconnect code=3008 reason=slow client={client_id}"):
+        c.ws.ping(b"p" * 125)
+        msg = await c.next(within=5)
+    assert msg.get("closed") == 3008, msg
     await ok.still_works()
 
 
