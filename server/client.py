@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("squall.client")
 
 PING_FRAME = b"{}"
+MAX_TTL = 365 * 24 * 3600  # seconds: the longest ttl a reply gives (Centrifugo's cap)
 Result = dict[str, Any] | tuple[dict[str, Any], Callable[[], None]] | None
 FrameCache = dict[int, tuple[bytes, bytes]]
 
@@ -498,7 +499,10 @@ class Client:
     def _ttl(self, exp: int) -> dict[str, Any]:
         if not exp:
             return {}
-        return {"expires": True, "ttl": max(0, int(exp - time.time()))}
+        # ttl is a uint32 in the protocol: a "never" token (exp 9999999999) gave a
+        # value the protocol's own decoders refuse. Capped at a year, as Centrifugo
+        # does: the SDK refreshes then, with the same token if it still holds.
+        return {"expires": True, "ttl": min(MAX_TTL, max(0, int(exp - time.time())))}
 
     # ------------------------------------------------------------------ connect / refresh
 

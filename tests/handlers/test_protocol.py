@@ -1025,6 +1025,27 @@ async def test_sub_refresh_moves_the_subscription_expiry(squall):
     assert 3590 <= reply["sub_refresh"]["ttl"] <= 3600
 
 
+async def test_ttl_of_a_token_that_never_expires_is_capped_at_a_year(squall):
+    """ttl is a uint32 in the protocol: a token with exp 9999999999 gave a ttl of about
+    8.2e9, which the protocol's own decoders refuse (centrifuge-go's among them). Every
+    reply caps it at a year, as Centrifugo does: connect, refresh, subscribe and
+    sub_refresh."""
+    sq = await squall()
+    c = await sq.raw()
+    never = {"exp": 9_999_999_999}
+    year = 365 * 24 * 3600
+    connected = (await c.connect(token=token("alice", ttl=None, extra=never)))["connect"]
+    assert year - 5 <= connected["ttl"] <= year, connected
+    refreshed = await c.command("refresh", {"token": token("alice", ttl=None, extra=never)})
+    assert year - 5 <= refreshed["refresh"]["ttl"] <= year, refreshed
+    ch = "private:" + chan()
+    sub = await subscribed(c, ch, token=token("alice", channel=ch, ttl=None, extra=never))
+    assert year - 5 <= sub["ttl"] <= year, sub
+    params = {"channel": ch, "token": token("alice", channel=ch, ttl=None, extra=never)}
+    again = await c.command("sub_refresh", params)
+    assert year - 5 <= again["sub_refresh"]["ttl"] <= year, again
+
+
 async def test_sub_refresh_with_token_for_another_channel_gets_103(squall):
     """sub_refresh with a channel token for a different channel gets 103."""
     sq = await squall()
