@@ -37,9 +37,11 @@ class _Bucket:
 
     def __init__(self) -> None:
         self.points: dict[int, Point] = {}  # ts -> point
-        # metric -> its summary (None: no point carries it), made when a query first
-        # needs it and dropped when a point is added: ingest does not pay for them.
-        self.stats: dict[str, MetricStats | None] = {}
+        # metric -> its summary, made when a query first needs it and dropped when a
+        # point is added: ingest does not pay for them. Only metrics the bucket's
+        # points carry: a query's metric names are the client's choice, and a closed
+        # bucket would keep each one until retention drops it.
+        self.stats: dict[str, MetricStats] = {}
 
     def summary(self, metric: str) -> MetricStats | None:
         try:
@@ -47,12 +49,11 @@ class _Bucket:
         except KeyError:
             pass
         values = [v for p in self.points.values() if (v := p.values.get(metric)) is not None]
-        stats = (
-            MetricStats(min(values), max(values), exact_total(values), len(values))
-            if values
-            else None
+        if not values:
+            return None
+        stats = self.stats[metric] = MetricStats(
+            min(values), max(values), exact_total(values), len(values)
         )
-        self.stats[metric] = stats
         return stats
 
 

@@ -703,3 +703,22 @@ async def test_mongo_refuses_to_start_on_points_of_the_old_layout(mongo_url, uni
         assert (s.count, s.max) == (1, 2.0)
     finally:
         await other.close()
+
+
+async def test_memory_queries_for_metrics_no_point_carries_keep_nothing():
+    """A closed bucket kept a summary for every metric name a query asked about, absent
+    ones too, until retention dropped it: a dashboard asking for new names grew the
+    process without bound (31 MiB per 100 queries over a week of buckets). Only the
+    metrics the points carry are remembered now, and answers stay the same."""
+    store = MemoryTelemetryStore(CFG)
+    points = series(200)  # 14 buckets
+    await store.add("d1", points, T0)
+    query = ("d1", "temp", T0, T0 + 200 * 700, 60_000)
+    want = await store.query(*query)
+    temps = [(p.ts, p.values["temp"]) for p in points]
+    assert flat(want) == approx(expected(temps, *query[2:]))
+    for i in range(50):
+        assert await store.query("d1", f"absent{i}", T0, T0 + 200 * 700, 60_000) == []
+    buckets = store._devices["d1"].buckets.values()
+    assert {name for b in buckets for name in b.stats} == {"temp"}
+    assert flat(await store.query(*query)) == flat(want)
