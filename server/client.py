@@ -988,6 +988,12 @@ class Client:
             raise ClientError(codes.PERMISSION_DENIED, "may publish only to its own channel")
         info = sub.info if sub is not None else ClientInfo(self.user, self.id, self.info)
         if opts.telemetry:
+            if channel.startswith("$"):
+                # The points would be stored under the device, but published on a
+                # channel no dashboard follows (they subscribe without the "$").
+                raise ClientError(
+                    codes.PERMISSION_DENIED, "telemetry goes to the device's channel, without '$'"
+                )
             await self._hub.telemetry_ingest.ingest(
                 Config.channel_name(channel),
                 self.claims,

@@ -126,6 +126,19 @@ async def test_device_cannot_publish_to_another_devices_channel(squall):
     assert reply == {"id": 3, "publish": {}}
 
 
+async def test_device_publishing_to_its_channel_with_a_dollar_gets_103(squall):
+    """$telemetry:<own id> was accepted: the points were stored, but published on a
+    channel no dashboard follows (dashboards subscribe to telemetry:<id>), so the live
+    view missed them while the device saw success. Now 103, and nothing stored."""
+    sq = await squall()
+    dev = await sq.raw(connect=True, token=device_token("pump-1"))
+    point = {"values": {"v": 1}}
+    with logs.expect_log("squall.client", r"command publish failed code=103 .*without '\$'"):
+        reply = await dev.command("publish", {"channel": "$telemetry:pump-1", "data": point})
+    assert reply["error"]["code"] == 103, reply
+    assert await sq.hub.telemetry.devices() == []
+
+
 async def test_device_cannot_subscribe_to_other_devices(squall):
     """A device token has no devices claim: subscribing to a device channel is 103."""
     sq = await squall()
