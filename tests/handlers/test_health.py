@@ -182,6 +182,17 @@ async def test_metrics_count_publications_deliveries_commands_and_api(squall):
     assert m["squall_publications_total"] == 3
     assert m["squall_deliveries_total"] == 9
     assert m['squall_api_requests_total{method="publish"}'] == 2
+    # A request counts once, under its own method: not a broadcast's publishes, and a
+    # batch as a batch.
+    channels = ["news", "chat:a", "chat:b"]
+    assert "result" in await sq.api("broadcast", {"channels": channels, "data": 1})
+    commands = [{"publish": {"channel": "news", "data": 2}}, {"info": {}}]
+    assert len((await sq.api("batch", {"commands": commands}))["replies"]) == 2
+    m = await metrics(sq)
+    assert m['squall_api_requests_total{method="publish"}'] == 2
+    assert m['squall_api_requests_total{method="broadcast"}'] == 1
+    assert m['squall_api_requests_total{method="batch"}'] == 1
+    assert 'squall_api_requests_total{method="info"}' not in m
     assert m['squall_command_duration_seconds_count{method="connect"}'] == 3
     assert m['squall_command_duration_seconds_count{method="subscribe"}'] == 3
     assert m['squall_command_duration_seconds_count{method="publish"}'] == 1

@@ -485,6 +485,21 @@ async def test_batch_runs_commands_and_replies_in_order(squall):
     assert info.nodes[0].uid == sq.hub.node.uid
 
 
+async def test_a_batch_of_1500_commands_runs_whole(squall):
+    """A batch has no count limit but the body size, as in Centrifugo: 1 500 publishes
+    were refused with a top-level error, which cent reads as a KeyError ('replies')."""
+    sq = await squall()
+    async with cent_client(sq) as api:
+        result = await api.batch(
+            BatchRequest(
+                requests=[PublishRequest(channel="chat:big", data={"n": n}) for n in range(1500)]
+            )
+        )
+        history = await api.history(HistoryRequest(channel="chat:big", limit=-1))
+    assert [r.offset for r in result.replies] == list(range(1, 1501))
+    assert [p.data["n"] for p in history.publications][-3:] == [1497, 1498, 1499]
+
+
 async def test_unknown_channel_is_api_error_102(squall):
     """Publishing to a channel of an unknown namespace raises CentApiResponseError code 102."""
     sq = await squall()
