@@ -143,6 +143,12 @@ class Api:
     async def subscribe(self, p: Mapping[str, Any]) -> dict[str, Any]:
         user, client = _target(p)
         channel, _ = self._channel(p)
+        for key in ("recover_since", "override"):
+            # Centrifugo's recovery from a position and per-subscription overrides of
+            # presence and join/leave: refused rather than ignored, since the caller
+            # would take the missed publications as recovered, or the user as hidden.
+            if p.get(key) is not None:
+                raise ClientError(codes.BAD_REQUEST, f"{key} is not supported")
         # data: sent in the client's subscribe push; info: the subscription's channel
         # info (presence, join/leave, its publications). Both as raw JSON text.
         extra = {}

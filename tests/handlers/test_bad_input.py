@@ -793,6 +793,9 @@ async def test_api_unknown_method_gets_404(squall):
         ("disconnect", {"user": "a", "disconnect": {"code": 1000}}),
         ("refresh", {"user": "a", "expire_at": "soon"}),
         ("send", {"user": "a"}),
+        # Centrifugo options Squall does not have: refused, not ignored
+        ("subscribe", {"user": "a", "channel": "chat:a", "recover_since": {"offset": 1}}),
+        ("subscribe", {"user": "a", "channel": "chat:a", "override": {"presence": False}}),
     ],
 )
 async def test_api_bad_params_get_error_107(squall, method, params):
