@@ -196,7 +196,7 @@ class Api:
     async def refresh(self, p: Mapping[str, Any]) -> dict[str, Any]:
         user, client = _target(p)
         expire_at = p.get("expire_at") or 0
-        if not isinstance(expire_at, int) or expire_at < 0:
+        if not isinstance(expire_at, int) or isinstance(expire_at, bool) or expire_at < 0:
             raise ClientError(codes.BAD_REQUEST, "expire_at must be a non-negative integer")
         await self.hub.control(
             "refresh",

@@ -792,6 +792,7 @@ async def test_api_unknown_method_gets_404(squall):
         ("history", {"channel": "chat:a", "since": {"offset": True, "epoch": ""}}),
         ("disconnect", {"user": "a", "disconnect": {"code": 1000}}),
         ("refresh", {"user": "a", "expire_at": "soon"}),
+        ("refresh", {"user": "a", "expire_at": True}),  # was 1: expired at once
         ("send", {"user": "a"}),
         # Centrifugo options Squall does not have: refused, not ignored
         ("subscribe", {"user": "a", "channel": "chat:a", "recover_since": {"offset": 1}}),
