@@ -114,8 +114,14 @@ class TelemetryHandler(tornado.web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         error = codes.INTERNAL if status_code >= 500 else codes.BAD_REQUEST
+        message = self._reason
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if status_code < 500 and isinstance(exc, tornado.web.HTTPError) and exc.log_message:
+            # Tornado's own 4xx say what was wrong only there, e.g. "Invalid unicode
+            # in from: b'\\xff'" for a query or path argument that is not UTF-8.
+            message = exc.log_message % exc.args if exc.args else exc.log_message
         self.set_header("Content-Type", "application/json")
-        _ = self.finish(orjson.dumps({"error": error.to_dict(self._reason)}))
+        _ = self.finish(orjson.dumps({"error": error.to_dict(message)}))
 
     def credentials(self) -> Credentials:
         """The verified bearer token. Raises ``Refused`` (401)."""

@@ -511,6 +511,19 @@ async def test_query_api_refuses_huge_or_odd_integers_with_400(squall, params, m
     assert body["error"]["message"] == message
 
 
+async def test_arguments_that_are_not_utf8_are_a_400_naming_them(squall):
+    """A query or path argument that is not UTF-8 is refused by Tornado: the 400 said
+    only "Bad Request"; it names the argument now."""
+    sq = await squall()
+    path = "/api/devices/d1/telemetry?metric=v&from=%FF"
+    code, body, _ = await http(sq, "GET", path, tok=dashboard_token())
+    assert (code, body["error"]["code"]) == (400, 107), body
+    assert body["error"]["message"].startswith("Invalid unicode in from:"), body
+    code, body, _ = await http(sq, "GET", "/api/devices/%FF/telemetry", tok=dashboard_token())
+    assert (code, body["error"]["code"]) == (400, 107), body
+    assert body["error"]["message"].startswith("Invalid unicode in "), body
+
+
 async def test_query_api_accepts_the_largest_times_and_leading_zeros(squall):
     """2**53 - 1 ms is the largest time a query takes; leading zeros and "-0" are plain numbers."""
     sq = await squall()
