@@ -620,7 +620,14 @@ class Client:
             raise DisconnectError(codes.INVALID_TOKEN, exc.reason) from None
         if creds.user != self.user:
             raise DisconnectError(codes.INVALID_TOKEN, "refresh token is for another user")
-        self.exp, self.info = creds.exp, creds.info
+        self.exp = creds.exp
+        if creds.info is not None and creds.info != self.info:
+            # As in Centrifugo: a token without info keeps the one the connection has;
+            # new info shows in what the subscriptions publish from now on and in
+            # presence at its next refresh.
+            self.info = creds.info
+            for sub in self.subs.values():
+                sub.info = ClientInfo(self.user, self.id, creds.info, sub.info.chan_info)
         self.claims = creds.claims
         self._schedule_expiry()
         return {"client": self.id, "version": __version__, **self._ttl(self.exp)}
@@ -962,6 +969,7 @@ class Client:
                 raise ClientError(codes.TOKEN_EXPIRED_RETRY) from None
             raise ClientError(codes.PERMISSION_DENIED) from None
         sub.exp = creds.exp
+        sub.info = ClientInfo(self.user, self.id, sub.info.conn_info, creds.info)  # as Centrifugo
         self._schedule_sub_expiry(sub)
         return self._ttl(sub.exp)
 

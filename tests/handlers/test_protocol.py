@@ -516,6 +516,33 @@ async def test_channel_token_info_is_attached_to_publications(squall):
     assert (await next_pub(c))["pub"]["info"]["chan_info"] == {"role": "mod"}
 
 
+async def test_refreshed_tokens_info_shows_in_later_publications(squall):
+    """A refresh token's info replaces the connection's (one without info keeps it), a
+    sub_refresh token's info the subscription's, as in Centrifugo: subscriptions kept
+    the info of their subscribe, and a refresh without info dropped the connection's."""
+    sq = await squall()
+    c = await sq.raw()
+    await c.connect(token=token("alice", extra={"info": {"v": 1}}))
+    ch = "private:" + chan()
+    await subscribed(c, ch, token=token("alice", channel=ch, extra={"info": {"role": "a"}}))
+
+    async def published_info() -> dict[str, Any]:
+        await c.command("publish", {"channel": ch, "data": 1})
+        info = (await next_pub(c))["pub"]["info"]
+        return {k: info.get(k) for k in ("conn_info", "chan_info")}
+
+    assert await published_info() == {"conn_info": {"v": 1}, "chan_info": {"role": "a"}}
+    assert "refresh" in await c.command(
+        "refresh", {"token": token("alice", extra={"info": {"v": 2}})}
+    )
+    assert await published_info() == {"conn_info": {"v": 2}, "chan_info": {"role": "a"}}
+    assert "refresh" in await c.command("refresh", {"token": token("alice")})
+    assert await published_info() == {"conn_info": {"v": 2}, "chan_info": {"role": "a"}}
+    fresh = token("alice", channel=ch, extra={"info": {"role": "b"}})
+    assert "sub_refresh" in await c.command("sub_refresh", {"channel": ch, "token": fresh})
+    assert await published_info() == {"conn_info": {"v": 2}, "chan_info": {"role": "b"}}
+
+
 async def test_expired_channel_token_gets_109(squall):
     """An expired channel token gets 109 so the SDK fetches a new one."""
     sq = await squall()
