@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -267,6 +268,10 @@ def load_config(
         text = cfg_path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {cfg_path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:  # Latin-1, or UTF-16 as some editors save
+        raise ConfigError(
+            f"config file {cfg_path}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
     try:
         loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
@@ -445,6 +450,13 @@ def require_positive(values: Mapping[str, float]) -> None:
 
 def check_redis(cfg: RedisConfig) -> None:
     """Values of the ``redis`` section (also checked by ``RedisBroker`` itself)."""
+    split = urlsplit(cfg.url)
+    if split.scheme in ("redis", "rediss") and not re.fullmatch(r"/?\d*", split.path):
+        # redis-py reads "/l" (a typo for /1) or "/1x" as database 0, and "/2/3" as 23:
+        # the data would share a database with whatever else uses it.
+        raise ConfigError(
+            f"redis.url: the path must be a database number (/0, /1, ...), got {split.path!r}"
+        )
     require_positive(
         {
             f"redis.{name}": getattr(cfg, name)
@@ -530,6 +542,7 @@ def _check(cfg: Config) -> None:
             raise ConfigError(
                 f"client.allowed_origins: {origin!r} is not '*' or scheme://host[:port]"
             )
+    _check_hmac_secret(cfg.token.hmac_secret)
     _check_public_key("token.rsa_public_key", cfg.token.rsa_public_key, "RS256")
     _check_public_key("token.ecdsa_public_key", cfg.token.ecdsa_public_key, "ES256")
     check_redis(cfg.redis)
@@ -609,9 +622,37 @@ def _check_public_key(key: str, pem: str, alg: str) -> None:
     import jwt  # only needed when an asymmetric key is configured
 
     try:
-        jwt.get_algorithm_by_name(alg).prepare_key(pem)
+        parsed = jwt.get_algorithm_by_name(alg).prepare_key(pem)
     except (jwt.InvalidKeyError, ValueError, TypeError):
         raise ConfigError(f"{key}: not a usable {alg} public key in PEM format") from None
+    if hasattr(parsed, "private_numbers"):
+        # PyJWT takes a private key here, and RS256 then fails at every verification
+        # (an internal error per connect); a server needs only the public half.
+        raise ConfigError(
+            f"{key}: a private key; give its public key (openssl pkey -pubout) and keep "
+            "the private one with the token issuer"
+        )
+
+
+def _check_hmac_secret(secret: str) -> None:
+    """A secret PyJWT would refuse at every verification stops start-up instead."""
+    if not secret:
+        return
+    try:
+        secret.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of no encoding in SQUALL_TOKEN_HMAC_SECRET
+        raise ConfigError(
+            "token.hmac_secret: not valid UTF-8 text (random bytes? use hex or base64)"
+        ) from None
+    import jwt
+
+    try:
+        jwt.get_algorithm_by_name("HS256").prepare_key(secret)
+    except jwt.InvalidKeyError:
+        raise ConfigError(
+            "token.hmac_secret: looks like a PEM or SSH key, which PyJWT refuses as an "
+            "HMAC secret (use a random string; keys go in rsa_public_key/ecdsa_public_key)"
+        ) from None
 
 
 def _check_telemetry(t: TelemetryConfig) -> None:

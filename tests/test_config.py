@@ -31,6 +31,14 @@ def public_pem(private_key: Any) -> str:
     )
 
 
+def private_pem(private_key: Any) -> str:
+    return private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "squall.yaml"
     path.write_text(textwrap.dedent(text), encoding="utf-8")
@@ -181,6 +189,9 @@ def test_public_keys_from_environment(tmp_path):
         ("token.rsa_public_key", "EC"),  # an ECDSA key where RSA is expected
         ("token.ecdsa_public_key", "RSA"),
         ("token.ecdsa_public_key", "P-384"),  # ES256 needs the P-256 curve
+        # A private key pasted by mistake: PyJWT took it, then RS256 failed every check
+        ("token.rsa_public_key", "RSA private"),
+        ("token.ecdsa_public_key", "EC private"),
     ],
 )
 def test_unusable_public_key_is_refused_at_load(tmp_path, key, value):
@@ -189,10 +200,53 @@ def test_unusable_public_key_is_refused_at_load(tmp_path, key, value):
         "EC": lambda: public_pem(ec.generate_private_key(ec.SECP256R1())),
         "P-384": lambda: public_pem(ec.generate_private_key(ec.SECP384R1())),
         "RSA": lambda: public_pem(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        "RSA private": lambda: private_pem(
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        ),
+        "EC private": lambda: private_pem(ec.generate_private_key(ec.SECP256R1())),
     }.get(value, lambda: value)()
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, ""), environ={}, overrides={key: pem})
     assert str(info.value).startswith(key + ":"), info.value
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"),
+    [
+        ("ssh-rsa AAAAB3NzaC1yc2E-my-secret", "looks like a PEM or SSH key"),
+        ("-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----", "looks like a PEM"),
+        # random bytes in the environment: Python hands them over as lone surrogates
+        ("ab\udcff\udcfecd-0123456789abcdef", "not valid UTF-8 text"),
+    ],
+)
+def test_hmac_secret_pyjwt_would_refuse_stops_start_up(tmp_path, secret, message):
+    """A secret PyJWT refuses at every verification (it looks like a key, or it is not
+    text) started a server where every connect got error 100: now one line at load."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), environ={"SQUALL_TOKEN_HMAC_SECRET": secret})
+    assert str(info.value).startswith("token.hmac_secret: " + message), info.value
+
+
+@pytest.mark.parametrize("path", ["/l", "/1x", "/2/3", "/db"])
+def test_redis_url_path_must_be_a_database_number(tmp_path, path):
+    """redis-py reads /l (for /1) or /1x as database 0 and /2/3 as 23: refused."""
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, "", {"SQUALL_REDIS_URL": f"redis://127.0.0.1:6379{path}"})
+    assert str(info.value).startswith("redis.url: the path must be a database number")
+
+
+@pytest.mark.parametrize("path", ["", "/", "/0", "/15"])
+def test_redis_url_with_a_database_number_or_none_loads(tmp_path, path):
+    url = f"redis://127.0.0.1:6379{path}"
+    assert load(tmp_path, "", {"SQUALL_REDIS_URL": url}).redis.url == url
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    """A Latin-1 (or UTF-16) file gave a UnicodeDecodeError traceback and exit 1."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("server:\n  name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text \(byte \d+\)"):
+        load_config(path, environ={})
 
 
 def test_unrelated_environment_is_ignored(tmp_path):
