@@ -207,10 +207,15 @@ def _task_name(task: asyncio.Task[Any]) -> str:
 
 
 def print_token(config: Config, args: argparse.Namespace) -> int:
-    from server.auth import make_token
+    import orjson
+
+    from server.auth import MAX_EXP, make_token
 
     if not config.token.hmac_secret:
         print("squall: token.hmac_secret is not set", file=sys.stderr)
+        return 2
+    if args.ttl and time.time() + args.ttl > MAX_EXP:
+        print(f"squall: --ttl: exp would pass {MAX_EXP} (2^63 - 1)", file=sys.stderr)
         return 2
     extra: dict[str, Any] = {}
     if args.info:
@@ -218,6 +223,11 @@ def print_token(config: Config, args: argparse.Namespace) -> int:
             extra["info"] = json.loads(args.info)
         except ValueError:
             print("squall: --info must be JSON", file=sys.stderr)
+            return 2
+        try:  # what the server can send on: no integer past 64 bits, no deep nesting
+            orjson.dumps(extra["info"])
+        except orjson.JSONEncodeError as exc:
+            print(f"squall: --info: the server would refuse it: {exc}", file=sys.stderr)
             return 2
     if args.channels:
         # Spaces after commas are dropped, as for --devices: " chat:lobby" would name

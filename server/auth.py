@@ -290,7 +290,7 @@ def make_token(
     """Sign an HS256 token (development helper behind ``run.py token``)."""
     claims: dict[str, Any] = {"sub": sub, **(extra or {})}
     if ttl:
-        claims["exp"] = int(time.time() + ttl)
+        claims["exp"] = math.ceil(time.time() + ttl)  # int() made --ttl 0.5 expired at once
     if channel is not None:
         claims["channel"] = channel
     return jwt.encode(claims, secret, algorithm=HMAC_ALG)

@@ -311,6 +311,34 @@ def test_token_command_lists_ignore_spaces_after_commas(tmp_path, option, value,
     assert claims[claim] == [v.strip() for v in value.split(",")]
 
 
+def test_token_command_with_a_ttl_under_a_second_is_not_already_expired(tmp_path):
+    """`--ttl 0.5` printed a token whose exp (truncated) was already past."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"token": {"hmac_secret": SECRET}}), encoding="utf-8")
+    result = run_cli(["--config", str(path), "token", "--sub", "alice", "--ttl", "0.5"])
+    assert result.returncode == 0, result.stderr
+    claims = jwt.decode(result.stdout.strip(), SECRET, algorithms=["HS256"])  # not expired
+    assert claims["exp"] >= time.time()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ttl", "1e20"], "--ttl: exp would pass"),
+        (["--info", "100000000000000000000"], "--info: the server would refuse it"),
+    ],
+)
+def test_token_command_refuses_tokens_the_server_would_refuse(tmp_path, args, message):
+    """An exp past 2^63 - 1 or an info integer past 64 bits made a token every connect
+    refuses with 3500: one line and exit 2 instead."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"token": {"hmac_secret": SECRET}}), encoding="utf-8")
+    result = run_cli(["--config", str(path), "token", "--sub", "alice", *args])
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("squall: " + message), result.stderr
+    assert result.stdout == ""
+
+
 def test_squall_port_env_overrides_the_config_port(procs):
     """SQUALL_PORT wins over server.port from the config file."""
     env_port, file_port = free_port(), free_port()
