@@ -414,7 +414,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         out = {}
         for name, sub in value.items():
-            if not isinstance(name, str) or not NAMESPACE_RE.fullmatch(name):
+            if not isinstance(name, str):
+                # YAML reads an unquoted 2024 as a number, on/no/yes as booleans
+                raise ConfigError(
+                    f"{key}.{name}: YAML read this name as {type(name).__name__} {name!r}: quote it"
+                )
+            if not NAMESPACE_RE.fullmatch(name):
                 raise ConfigError(f"{key}.{name}: invalid name (letters, digits, _ . -)")
             out[name] = _coerce(vtype, sub, f"{key}.{name}")
         return types.MappingProxyType(out)

@@ -402,6 +402,13 @@ def test_unknown_key_is_an_error(tmp_path, text, key):
     assert message == f"{key}: unknown key"
 
 
+@pytest.mark.parametrize(("name", "read"), [("2024", "int 2024"), ("on", "bool True")])
+def test_namespace_name_yaml_reads_as_a_number_or_boolean_says_to_quote_it(tmp_path, name, read):
+    """An unquoted 2024 or on is not a string to YAML: 'invalid name' did not say why."""
+    message = config_error(tmp_path, f"namespaces:\n  {name}: {{}}\n")
+    assert message.endswith(f"YAML read this name as {read}: quote it"), message
+
+
 @pytest.mark.parametrize("name", ["bad name", "a:b", "ü", "x/y", "news\n"])
 def test_invalid_namespace_name(tmp_path, name):
     """Namespace names are letters, digits, _ . - only (':' would make them unreachable)."""
