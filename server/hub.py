@@ -400,7 +400,9 @@ class Hub:
 
         A waiter whose next publication (its position's offset + 1, same epoch)
         is not the one that arrives missed something: it is unsubscribed with
-        2500 and its SDK resubscribes and recovers.
+        2500 and its SDK resubscribes and recovers. ``pub`` has an offset: one
+        without (``skip_history``) says nothing about the stream, and a waiter
+        gets it at once.
         """
         waiters = chan.waiters
         if waiters is None:
@@ -465,13 +467,15 @@ class Hub:
         else:
             n = 0
             for client, sub in chan.subs.items():
-                if sub.pending is None:
+                if sub.pending is None or (sub.live and not pub.offset):
+                    # (a waiter, see went_live, takes publications outside the stream,
+                    # skip_history ones, as they come: they are not what it waits for)
                     client.enqueue(frame)
                     n += 1
                 else:
                     sub.pending.append(pub)
             self.metrics.deliveries += n
-        if chan.waiters is not None:
+        if chan.waiters is not None and pub.offset:
             self._release_waiters(channel, chan, pub)
 
     def _fan_out_throttled(self, chan: ChannelSubs, pub: Publication, frame: bytes) -> None:
@@ -483,7 +487,7 @@ class Hub:
         """
         n = 0
         for client, sub in chan.subs.items():
-            if sub.pending is not None:
+            if sub.pending is not None and not (sub.live and not pub.offset):
                 sub.pending.append(pub)
             elif sub.throttle is not None:
                 sub.throttle.offer(frame)

@@ -506,6 +506,29 @@ async def test_map_and_shared_poll_subscriptions_are_refused(squall):
     await subscribed(c, ch, type=0)
 
 
+async def test_skip_history_publications_reach_a_subscriber_still_catching_up(squall):
+    """The first subscriber of a channel with history waits for the stream to reach
+    the position it read (went_live); a skip_history publication (offset 0, typing
+    indicators, say) arriving then was taken for a gap: 2500 and never delivered, and
+    with a resubscribe each time, a subscriber churned through them all. It is
+    delivered now, and the stream goes on after it."""
+    sq = await squall()
+    ch = "public:" + chan()
+    for n in range(3):
+        await publish_api(sq, ch, {"n": n})
+    c = await sq.raw(connect=True)
+    sub = await subscribed(c, ch, recoverable=True)
+    assert (sub["positioned"], sub["offset"]) == (True, 3), sub
+    reply = await sq.api("publish", {"channel": ch, "data": {"typing": 1}, "skip_history": True})
+    assert reply["result"]["offset"] == 0, reply
+    push = await c.next_push()
+    assert kind(push) == "pub", push  # not an unsubscribe with 2500
+    assert push["push"]["pub"]["data"] == {"typing": 1}
+    await publish_api(sq, ch, {"n": 3})
+    pub = (await next_pub(c))["pub"]
+    assert (pub["data"], pub["offset"]) == ({"n": 3}, 4)
+
+
 async def test_channel_token_info_is_attached_to_publications(squall):
     """The channel token's info travels as chan_info with the subscriber's publications."""
     sq = await squall()
