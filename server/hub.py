@@ -962,6 +962,11 @@ class Hub:
 
     async def control(self, kind: str, **fields: Any) -> None:
         """Send a control message to every node (this one included)."""
+        if not self._broker_linked():
+            # The message would reach the other nodes but not this one (pub/sub keeps
+            # nothing for a link that is down), and the caller would be told it went out.
+            log.warning("control %s refused: the broker's pub/sub link is down", kind)
+            raise ClientError(codes.INTERNAL)
         try:
             await self.broker.publish_control(orjson.dumps({"type": kind, **fields}))
         except EngineError as exc:

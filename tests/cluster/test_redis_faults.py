@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.websocket
 from centrifuge import ClientState
 from redis.asyncio import Redis
 
@@ -30,7 +31,7 @@ from tests.cluster import (
 )
 from tests.helpers import services
 from tests.helpers.process import SquallCluster, SquallProcess, close_checked
-from tests.helpers.server import token
+from tests.helpers.server import RawClient, token
 
 PACE = 0.01  # seconds between one publisher's publications (load shape, not synchronisation)
 
@@ -281,6 +282,34 @@ async def test_pubsub_link_killed_on_one_instance_its_subscribers_recover_exactl
     assert [c.code for k, c in ev_b.events if k == "subscribing" and c.code] == []
     for events in (alice_events, bob_events):
         assert events.drain("connecting") == []
+
+
+async def test_user_commands_on_an_instance_whose_link_is_down_answer_100(redis_server, cluster):
+    """A server API disconnect (or send, subscribe, ...) through an instance whose own
+    pub/sub link is down while Redis answers commands reached the other instances but
+    not its own connections, and answered success: the user stayed connected there.
+    It answers 100 (retry) until the link is back, then works."""
+    cluster.add(**{"redis.reconnect_delay": 2.0, "redis.reconnect_max_delay": 2.0})
+    (a,) = await cluster.start_async()
+    mallory = RawClient(await tornado.websocket.websocket_connect(a.ws_url))
+    await mallory.connect(sub="mallory")
+    redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    try:
+        links = await redis.client_list(_type="pubsub")
+        (link,) = [c for c in links if c["name"] == "node-a"]
+        assert await redis.client_kill_filter(_id=link["id"]) == 1
+    finally:
+        await redis.aclose()
+    await until(lambda: _status_is(a, "/ready", 503), what="A notices its link is gone")
+    reply = await api(a, "disconnect", {"user": "mallory"})
+    assert reply["error"]["code"] == 100, reply
+    await until(lambda: _status_is(a, "/ready", 200), what="A ready again")
+    assert "result" in await api(a, "disconnect", {"user": "mallory"})
+    try:
+        assert (await mallory.closed(within=5))[0] == 3503
+    finally:
+        mallory.close()
+    assert a.log_text().count("control disconnect refused: the broker's pub/sub link is down") == 1
 
 
 async def test_redis_restarted_without_its_data_persistent_channels_continue_their_stream(
