@@ -232,6 +232,17 @@ async def test_redis_outage_instances_stay_up_deliver_locally_and_resume(
     assert carol.state is ClientState.CONNECTED
 
 
+async def kill_pubsub_link(redis_server: services.ServiceProcess, node: str) -> None:
+    """Have Redis drop ``node``'s pub/sub connection (``CLIENT KILL ID``)."""
+    redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
+    try:
+        links = await redis.client_list(_type="pubsub")
+        (link,) = [c for c in links if c["name"] == node]
+        assert await redis.client_kill_filter(_id=link["id"]) == 1
+    finally:
+        await redis.aclose()
+
+
 async def _status_is(node: SquallProcess, path: str, code: int) -> bool:
     return await status(node, path) == code
 
@@ -254,13 +265,7 @@ async def test_pubsub_link_killed_on_one_instance_its_subscribers_recover_exactl
     for ev in (ev_a, ev_b):
         assert [p.data["n"] for p in await take(ev, 3)] == [1, 2, 3]
 
-    redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
-    try:
-        links = await redis.client_list(_type="pubsub")
-        (link,) = [c for c in links if c["name"] == "node-a"]
-        assert await redis.client_kill_filter(_id=link["id"]) == 1
-    finally:
-        await redis.aclose()
+    await kill_pubsub_link(redis_server, "node-a")
     await until(lambda: _status_is(a, "/ready", 503), what="A notices its link is gone")
     await publisher.run(range(4, 9))  # A is not subscribed in Redis now: it misses these
     assert publisher.acked == list(range(1, 9))
@@ -293,13 +298,7 @@ async def test_user_commands_on_an_instance_whose_link_is_down_answer_100(redis_
     (a,) = await cluster.start_async()
     mallory = RawClient(await tornado.websocket.websocket_connect(a.ws_url))
     await mallory.connect(sub="mallory")
-    redis = Redis.from_url(f"redis://127.0.0.1:{redis_server.port}/0")
-    try:
-        links = await redis.client_list(_type="pubsub")
-        (link,) = [c for c in links if c["name"] == "node-a"]
-        assert await redis.client_kill_filter(_id=link["id"]) == 1
-    finally:
-        await redis.aclose()
+    await kill_pubsub_link(redis_server, "node-a")
     await until(lambda: _status_is(a, "/ready", 503), what="A notices its link is gone")
     reply = await api(a, "disconnect", {"user": "mallory"})
     assert reply["error"]["code"] == 100, reply
