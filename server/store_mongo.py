@@ -716,7 +716,12 @@ class MongoStore:
         while not self._stop.is_set():
             if not self._queue:
                 self._wakeup.clear()
-                idle = self._cfg.ping_interval or None
+                # With the health ping off, a store marked down by a read (nothing
+                # queued, so no write would mark it up) still checks every
+                # retry_max_delay: /ready would otherwise stay 503 after the server is back.
+                idle = self._cfg.ping_interval or (
+                    None if self._avail.ready else self._cfg.retry_max_delay
+                )
                 if not await _wait(self._wakeup, idle) and not self._stop.is_set():
                     await self._ping()
                 continue
@@ -852,6 +857,7 @@ class MongoStore:
     def _mark_down(self, exc: BaseException) -> None:
         self._recreate = True
         self._avail.down(self._describe(exc), len(self._queue))
+        self._wakeup.set()  # an idle flusher starts checking for the server's return
 
     def _mark_up(self) -> None:
         self._avail.up(len(self._queue))

@@ -534,6 +534,36 @@ async def test_outage_queues_writes_and_recovery_drains_them_once(
 
 
 @tolerates_pymongo_socket_leak
+async def test_with_the_health_ping_off_a_read_outage_ends_without_a_write(
+    ferretdb: services.ServiceProcess, make_store: Factory
+) -> None:
+    """mongodb.ping_interval 0: a history read that failed marked the store down, and
+    with nothing queued no write would mark it up again: /ready stayed 503 for good
+    after the server was back. The idle flusher checks every retry_max_delay instead."""
+    store = make_store(
+        url=f"mongodb://127.0.0.1:{ferretdb.port}/",
+        timeout=0.5,
+        retry_delay=0.05,
+        retry_max_delay=0.3,
+        ping_interval=0,
+    )
+    await store.start()
+
+    async def ready() -> bool:
+        return store.status().ready
+
+    with logs.expect_log("squall.store.mongo", r"unavailable"):
+        ferretdb.kill()
+        with pytest.raises(EngineError, match="unavailable"):
+            await store.read_since("fault", since=StreamPosition(1, "e1"))
+        assert not await ready()
+    with logs.expect_log("squall.store.mongo", r"recovered after"):
+        ferretdb.start()
+        await eventually(ready, within=20.0)
+    assert store.status().queue_depth == 0  # no write brought it back
+
+
+@tolerates_pymongo_socket_leak
 async def test_close_during_outage_reports_what_was_not_written(
     ferretdb: services.ServiceProcess, make_store: Factory
 ) -> None:
