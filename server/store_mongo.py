@@ -631,13 +631,26 @@ class MongoStore:
         from pymongo.errors import PyMongoError
 
         try:
-            await writers.update_one({"_id": self._node}, {"$set": {"running": False}})
+            # Only this start's mark: a newer process of the same node (an overlapping
+            # restart, replicas sharing the default name) owns the marker now, and
+            # clearing its mark would hide its crash from the next start.
+            result = await writers.update_one(
+                {"_id": self._node, "start": self._start_id}, {"$set": {"running": False}}
+            )
         except PyMongoError as exc:
             log.warning(
                 "mongo store: could not mark node %r closed (the next start takes it for a "
                 "crash) error=%s",
                 self._node,
                 self._describe(exc),
+            )
+            return
+        if result.matched_count == 0:
+            log.warning(
+                "mongo store: node %r was started again by another process while this one "
+                "ran; its running mark is left to it (give every instance its own "
+                "server.name)",
+                self._node,
             )
 
     def _encode(self, channel: str, pub: Publication, opts: PersistOptions) -> _Pending:

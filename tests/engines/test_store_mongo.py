@@ -251,6 +251,29 @@ async def test_resume_skips_the_offsets_a_killed_process_may_have_handed_out(
     assert await third.resume("old") == StreamPosition(15, "e1")  # untouched since the crash
 
 
+async def test_an_old_process_closing_leaves_a_newer_ones_running_mark(
+    make_store: Factory,
+) -> None:
+    """Two processes of one node overlapping (a rolling restart, replicas sharing the
+    default name): the old one's clean close cleared the new one's running mark, so
+    when the new one was then killed, the next start did not see the crash and handed
+    out offsets already delivered. The close clears only its own start's mark."""
+    old = make_store(queue_size=10)
+    await old.start()
+    new = make_store(queue_size=10)
+    with logs.expect_log("squall.store.mongo", r"did not close \(killed\?\)"):
+        await new.start()  # the old one still runs: taken for a crash, as before
+    await new.append("k", pub(1), KEEP)
+    await eventually(_drained(new), within=5.0)
+    with logs.expect_log("squall.store.mongo", r"started again by another process"):
+        await old.close()
+    # ``new`` is killed now (never closed): the next start must see that crash
+    with logs.expect_log("squall.store.mongo", r"did not close \(killed\?\)"):
+        after = make_store(queue_size=10)
+        await after.start()
+    assert await after.resume("k") == StreamPosition(11, "e1")  # not 1: offsets after 1 were given
+
+
 async def test_retention_pass_goes_on_when_remove_drops_a_channel_it_was_to_trim(
     make_store: Factory, mongo_url: str, unique_prefix: str
 ) -> None:
