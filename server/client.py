@@ -214,6 +214,7 @@ class Client:
         "id",
         "info",
         "meta",
+        "server_op",
         "state",
         "subs",
         "transport",
@@ -233,6 +234,9 @@ class Client:
         self.claims: dict[str, Any] = {}  # every claim of the connection token
         self.exp = 0
         self.subs: dict[str, Subscription] = {}
+        # The last server API subscribe for this connection still running (Hub.on_control
+        # runs what comes after it once it is done: one connection's commands in order).
+        self.server_op: asyncio.Future[Any] | None = None
         self._closed = False
         self._queue: list[bytes] = []
         self._queued_bytes = 0

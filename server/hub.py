@@ -211,9 +211,14 @@ class Hub:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> None:
         """Run an engine call in the background; log (never raise) its failure."""
+        _ = self.spawn_task(coro, what)
+
+    def spawn_task(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Future[Any]:
+        """``spawn``, and the task."""
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(t, what))
+        return task
 
     def _task_done(self, task: asyncio.Task[Any], what: str) -> None:
         self._tasks.discard(task)
@@ -539,21 +544,28 @@ class Hub:
                     client.disconnect(d)
         elif kind == "unsubscribe":
             for client in targets:
-                client.server_unsubscribe(msg["channel"], codes.UNSUBSCRIBE_SERVER)
+                _after_server_op(
+                    client, client.server_unsubscribe, msg["channel"], codes.UNSUBSCRIBE_SERVER
+                )
         elif kind == "subscribe":
             sub_data, sub_info = msg.get("data"), msg.get("info")  # JSON text or None
             for client in targets:
-                self.spawn(
-                    client.server_subscribe(msg["channel"], data=sub_data, info=sub_info),
+                client.server_op = self.spawn_task(
+                    _server_subscribe(client, client.server_op, msg["channel"], sub_data, sub_info),
                     "server subscribe",
                 )
         elif kind == "refresh":
             for client in targets:
-                client.server_refresh(bool(msg.get("expired")), int(msg.get("expire_at", 0)))
+                _after_server_op(
+                    client,
+                    client.server_refresh,
+                    bool(msg.get("expired")),
+                    int(msg.get("expire_at", 0)),
+                )
         elif kind == "message":
             frame = encode_push("", "message", {"data": orjson.Fragment(msg["data"].encode())})
             for client in targets:
-                client.enqueue(frame)
+                _after_server_op(client, client.enqueue, frame)
         else:
             log.warning("unknown control message type %r ignored", kind)
 
@@ -1100,3 +1112,27 @@ class Hub:
         """Wait until every client has gone after shutdown began (callers bound the wait)."""
         if self.clients:
             await self._drained.wait()
+
+
+async def _server_subscribe(
+    client: Client,
+    before: asyncio.Future[Any] | None,
+    channel: str,
+    data: str | None,
+    info: str | None,
+) -> None:
+    """A server API subscribe, once the one before it for this connection is done."""
+    if before is not None and not before.done():
+        await asyncio.wait([before])
+    await client.server_subscribe(channel, data=data, info=info)
+
+
+def _after_server_op(client: Client, action: Callable[..., None], *args: Any) -> None:
+    """Run ``action(*args)`` now, or once the server API subscribe still running for
+    ``client`` is done: a batch's subscribe then unsubscribe (the memory broker hands
+    both over in one loop turn) must not leave the user subscribed."""
+    op = client.server_op
+    if op is None or op.done():
+        action(*args)
+    else:
+        op.add_done_callback(lambda _: action(*args))

@@ -1252,6 +1252,34 @@ async def test_server_api_subscribe_and_unsubscribe_pushes(squall):
     assert push["unsubscribe"] == {"code": 2000, "reason": "server unsubscribe"}
 
 
+async def test_server_api_subscribe_then_unsubscribe_in_one_batch_leaves_nothing(squall):
+    """A batch [subscribe, unsubscribe, subscribe, unsubscribe] for one user and channel:
+    the subscribe ran in the background and the unsubscribe at once (the memory broker
+    hands both over in one loop turn), so the user stayed subscribed, in presence and
+    getting publications. The commands take effect in their order."""
+    sq = await squall()
+    c = await sq.raw(connect=True)
+    ch = "chat:" + chan()
+    pair = [
+        {"subscribe": {"user": "alice", "channel": ch}},
+        {"unsubscribe": {"user": "alice", "channel": ch}},
+    ]
+    reply = await sq.api("batch", {"commands": pair * 2})
+    assert [next(iter(r)) for r in reply["replies"]] == ["subscribe", "unsubscribe"] * 2
+    kinds = []
+    while len(kinds) < 4:
+        push = await c.next_push()
+        if kind(push) in ("subscribe", "unsubscribe"):
+            kinds.append(kind(push))
+    assert kinds == ["subscribe", "unsubscribe"] * 2
+    client = next(iter(sq.hub.clients.values()))
+    assert client.subs == {}
+    assert ch not in sq.hub.channels
+    await publish_api(sq, ch, "after")
+    with pytest.raises(TimeoutError):
+        await next_pub(c, within=0.3)
+
+
 async def test_server_api_subscribe_stops_at_max_channels(squall):
     """Server API subscribe does not take a connection past client.max_channels (logged)."""
     sq = await squall(**{"client.max_channels": 2})
