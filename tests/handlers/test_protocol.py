@@ -260,6 +260,22 @@ async def test_token_channel_in_unknown_namespace_is_skipped(squall):
     assert set(reply["connect"]["subs"]) == {"news"}
 
 
+async def test_token_with_more_channels_than_max_channels_is_disconnected_3505(squall):
+    """client.max_channels bounds a token's channels too, as in Centrifugo (3505): a token
+    listing 6 channels with a limit of 3 subscribed all 6, and the connection could then
+    subscribe to nothing itself. At the limit it connects."""
+    sq = await squall(**{"client.max_channels": 3, "client.max_commands_per_frame": 10})
+    c = await sq.raw()
+    many = [f"news{i}" for i in range(6)]
+    with expect_log("squall.client", r"disconnect code=3505 .*token lists 6 channels"):
+        reply = await c.command("connect", {"token": token("alice", extra={"channels": many})})
+    assert reply.get("closed") == 3505, reply
+    assert sq.hub.clients == {}
+    c2 = await sq.raw()
+    reply = await c2.connect(token=token("alice", extra={"channels": many[:3]}))
+    assert set(reply["connect"]["subs"]) == set(many[:3])
+
+
 async def test_server_side_subscription_shows_in_presence(squall):
     """A server-side subscription counts in presence like a client one."""
     sq = await squall()
