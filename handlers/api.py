@@ -434,6 +434,9 @@ class ApiHandler(BoundedBody):
         await finish_reply(self, orjson.dumps(body))
 
     async def prepare(self) -> None:
+        if self.hub.closing:  # a request on a keep-alive connection after SIGTERM
+            await self._shutting_down()
+            return
         if not self._authorized():
             log.info(
                 "api request refused: bad or missing API key remote=%s", self.request.remote_ip
@@ -451,9 +454,15 @@ class ApiHandler(BoundedBody):
         )
         await self._reply(413, {"error": codes.LIMIT_EXCEEDED.to_dict("request body too large")})
 
+    async def _shutting_down(self) -> None:
+        await self._reply(503, {"error": codes.INTERNAL.to_dict("shutting down")})
+
     async def post(self, method: str) -> None:
         if self.too_large:
             await self._too_large_reply()
+            return
+        if self.hub.closing:  # its body came in after SIGTERM: nothing done, say so
+            await self._shutting_down()
             return
         body = self.body
         try:

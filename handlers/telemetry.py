@@ -162,6 +162,9 @@ class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
     opts: ChannelOptions
 
     async def prepare(self) -> None:
+        if self.hub.closing:  # a request on a keep-alive connection after SIGTERM
+            await self.refuse(Refused(codes.INTERNAL, "shutting down"))
+            return
         try:
             self.creds, self.opts = self._device()
         except Refused as exc:
@@ -181,10 +184,18 @@ class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
         return creds, opts
 
     async def post(self) -> None:
+        if self.hub.closing:  # its body came in after SIGTERM: nothing done, say so
+            await self.refuse(Refused(codes.INTERNAL, "shutting down"))
+            return
+        # Counted from here to the reply: a graceful shutdown waits for it
+        # (Hub.wait_api_idle), so stored points get their 202.
+        self.hub.api_request_started()
         try:
             await self._ingest()
         except Refused as exc:
             await self.refuse(exc)
+        finally:
+            self.hub.api_request_done()
 
     async def _ingest(self) -> None:
         creds, opts = self.creds, self.opts

@@ -677,3 +677,52 @@ async def test_server_api_publish_to_a_telemetry_channel_is_refused(squall):
     assert "POST /api/telemetry" in reply["error"]["message"]
     reply = await sq.api("broadcast", {"channels": ["telemetry:dev1"], "data": {}})
     assert reply["result"]["responses"][0]["error"]["code"] == 107
+
+
+# --------------------------------------------------------------------- shutdown
+
+
+async def test_requests_after_the_shutdown_began_get_503_and_change_nothing(squall):
+    """After SIGTERM the listener closes, but a keep-alive connection can still send
+    requests: they were carried out (published, stored) while the shutdown closed
+    their connections, often before the reply. They get 503 and do nothing."""
+    sq = await squall()
+    sq.hub.closing = True  # what serve() sets first on SIGTERM
+    try:
+        code, body, _ = await post_points(sq, "d1", [{"values": {"v": 1}}])
+        assert (code, body["error"]["message"]) == (503, "shutting down"), body
+        reply = await sq.api("publish", {"channel": "chat:x", "data": 1})
+        assert reply["error"]["message"] == "shutting down", reply
+    finally:
+        sq.hub.closing = False
+    assert await sq.hub.telemetry.devices() == []
+    history = await sq.api("history", {"channel": "chat:x", "limit": -1})
+    assert history["result"].get("publications", []) == [], history
+
+
+async def test_a_shutdown_waits_for_a_telemetry_post_in_progress(squall, monkeypatch):
+    """POST /api/telemetry was not counted among the requests a shutdown waits for: its
+    connection was closed before the 202 of points already stored, and a device that
+    retried sent them again. The drain waits for it now."""
+    sq = await squall()
+    gate = asyncio.Event()
+    add = sq.hub.telemetry.add
+
+    async def slow_add(*args: Any, **kw: Any) -> None:  # a store that takes its time
+        await gate.wait()
+        await add(*args, **kw)
+
+    monkeypatch.setattr(sq.hub.telemetry, "add", slow_add)
+    post = asyncio.ensure_future(post_points(sq, "d1", [{"values": {"v": 1}}]))
+
+    async def in_progress() -> bool:
+        return sq.hub.api_requests == 1
+
+    await eventually(in_progress, within=5.0)
+    idle = asyncio.ensure_future(sq.hub.wait_api_idle())
+    await asyncio.sleep(0.1)
+    assert not idle.done()  # the drain waits for it
+    gate.set()
+    code, body, _ = await post
+    assert code == 202, body
+    await asyncio.wait_for(idle, 5)
