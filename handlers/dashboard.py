@@ -64,7 +64,17 @@ def content_security_policy(host: str) -> str:
     )
 
 
-class DashboardFileHandler(tornado.web.StaticFileHandler):
+class _FileHandler(tornado.web.StaticFileHandler):
+    """Tornado's static files, with a clean 404 for a path holding a NUL byte
+    (``%00``): ``os.path.realpath`` raised, a 500 and an ERROR traceback per request."""
+
+    def parse_url_path(self, url_path: str) -> str:
+        if "\x00" in url_path:
+            raise tornado.web.HTTPError(404)
+        return super().parse_url_path(url_path)
+
+
+class DashboardFileHandler(_FileHandler):
     """``static/dashboard`` with the CSP and revalidate-every-time caching."""
 
     def set_extra_headers(self, path: str) -> None:
@@ -75,7 +85,7 @@ class DashboardFileHandler(tornado.web.StaticFileHandler):
         self.set_header("Cache-Control", "no-cache")
 
 
-class VendorFileHandler(tornado.web.StaticFileHandler):
+class VendorFileHandler(_FileHandler):
     """One npm package's ``dist`` folder; 503 with a setup hint when it is not installed."""
 
     def prepare(self) -> None:

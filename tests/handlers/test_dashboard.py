@@ -100,6 +100,20 @@ def test_page_needs_nothing_the_csp_blocks():
     assert "innerHTML" not in (STATIC_DIR / "app.js").read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize(
+    "path", ["/dashboard/index.html%00", "/dashboard/%00", "/vendor/uplot/%00", "/vendor/x%00.js"]
+)
+async def test_a_nul_byte_in_a_file_path_is_a_404(squall, path):
+    """%00 in a static path made os.path.realpath raise: a 500 and an ERROR traceback
+    for anyone who asked. A 404 now (the test fails on any ERROR line)."""
+    sq = await squall()
+    # (a vendor route without node_modules says so with 503 before it reads the path)
+    expected = 503 if path.startswith("/vendor/") and not NODE_MODULES.is_dir() else 404
+    with expect_log("tornado.access", rf"^{expected} GET "):
+        resp = await get(sq.http_url + path)
+    assert resp.code == expected, (path, resp.code)
+
+
 async def test_vendor_files_are_served_from_node_modules(squall):
     if not (NODE_MODULES / "centrifuge").is_dir() or not (NODE_MODULES / "uplot").is_dir():
         unavailable(f"node_modules missing: {SETUP_HINT}")
