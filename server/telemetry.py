@@ -304,6 +304,10 @@ class TelemetryIngest:
         """
         if not is_device(claims):
             raise ClientError(codes.PERMISSION_DENIED, "not a device token")
+        if device in (".", ".."):
+            # Its history URL, /api/devices/<id>/telemetry, would be another path in
+            # every browser (they resolve "." and ".." segments, %2E too).
+            raise ClientError(codes.BAD_REQUEST, f"device id {device!r} cannot be used")
         raw_points = frame_points(data, self.cfg.max_points_per_frame)
         wait = self.limiter.take(device, len(raw_points))
         if wait:

@@ -139,6 +139,23 @@ async def test_device_publishing_to_its_channel_with_a_dollar_gets_103(squall):
     assert await sq.hub.telemetry.devices() == []
 
 
+async def test_device_ids_dot_and_dot_dot_are_refused(squall):
+    """A device "." or "..": browsers resolve those path segments (%2E too), so the
+    dashboard's /api/devices/../telemetry read another endpoint, whose 403 signed the
+    user out. Such ids are refused at ingest, over HTTP and WebSocket."""
+    sq = await squall()
+    for device in (".", ".."):
+        code, body, _ = await post_points(sq, device, [{"values": {"v": 1}}])
+        assert (code, body["error"]["code"]) == (400, 107), body
+        assert "cannot be used" in body["error"]["message"]
+        dev = await sq.raw(connect=True, token=device_token(device))
+        reply = await dev.command(
+            "publish", {"channel": f"telemetry:{device}", "data": {"values": {"v": 1}}}
+        )
+        assert reply["error"]["code"] == 107, reply
+    assert await sq.hub.telemetry.devices() == []
+
+
 async def test_device_cannot_subscribe_to_other_devices(squall):
     """A device token has no devices claim: subscribing to a device channel is 103."""
     sq = await squall()
