@@ -29,6 +29,9 @@ const RECONCILE_LOOKBACK_MS = 60_000;
 const SERIES = ['t', 'min', 'max', 'sum', 'count'];
 const CHART_HEIGHT = 180;         // px
 const MAX_ERRORS = 50;            // window.__squall.errors keeps the last ones
+const MAX_CHARTS = 32;            // charts per device: a device inventing metric names must
+                                  // not make a chart (and its history reads) for each one
+const MAX_LAST_VALUES = 256;      // last values kept per device (the server keeps 256 too)
 const SETUP_HINT = 'run scripts/setup (npm ci)';
 const MINT_HINT = "mint one with: python run.py token --sub USER --devices '*'";
 
@@ -242,7 +245,7 @@ async function refreshDevices() {
     // Live points may be newer than the list (it is read every few seconds).
     if (known && known.last_seen > dev.last_seen) {
       dev.last_seen = known.last_seen;
-      dev.last_values = { ...dev.last_values, ...known.last_values };
+      dev.last_values = capped({ ...dev.last_values, ...known.last_values });
     }
     if (known) dev.liveTs = known.liveTs;
     state.devices.set(dev.id, dev);
@@ -375,7 +378,7 @@ function selectDevice(id) {
   const dev = state.devices.get(id);
   const to = Date.now();
   for (const metric of Object.keys(dev?.last_values ?? {}).sort()) {
-    addChart(view, metric, to);
+    chartFor(view, metric, to);
   }
   if (!view.charts.size) {
     $('detail-hint').textContent = 'No values yet: charts appear with the first live point.';
@@ -439,7 +442,8 @@ function onPublication(v, data) {
     let applied = false;
     for (const [metric, value] of Object.entries(point.values)) {
       if (typeof value !== 'number') continue;
-      const chart = v.charts.get(metric) ?? addChart(v, metric, Date.now());
+      const chart = chartFor(v, metric, Date.now());
+      if (!chart) continue;
       if (chart.ready) {
         fold(chart, point.ts, value);
         applied = true;
@@ -452,7 +456,7 @@ function onPublication(v, data) {
     // heard from it), in this browser's clock like the "… ago" it is shown as.
     if (dev && point.ts >= (dev.liveTs ?? 0)) {
       dev.liveTs = point.ts;
-      dev.last_values = { ...dev.last_values, ...point.values };
+      dev.last_values = capped({ ...dev.last_values, ...point.values });
     }
   }
   if (dev && points.length) {
@@ -469,6 +473,37 @@ function countLive(n) {
 }
 
 // ------------------------------------------------------------------ charts
+
+// The newest MAX_LAST_VALUES names (an object keeps insertion order: new names last).
+function capped(values) {
+  const names = Object.keys(values);
+  if (names.length <= MAX_LAST_VALUES) return values;
+  for (const name of names.slice(0, names.length - MAX_LAST_VALUES)) delete values[name];
+  return values;
+}
+
+// The metric's chart, made if there is room (MAX_CHARTS); null once the view is full,
+// with a note saying how many metrics are left out.
+function chartFor(v, metric, backfillTo) {
+  const chart = v.charts.get(metric);
+  if (chart) return chart;
+  if (v.charts.size < MAX_CHARTS) return addChart(v, metric, backfillTo);
+  v.skipped ??= new Set();
+  if (!v.skipped.has(metric) && v.skipped.size < MAX_LAST_VALUES) {
+    v.skipped.add(metric);
+    const hint = $('detail-hint');
+    hint.textContent = `${v.skipped.size} more metrics not charted (at most ${MAX_CHARTS} per device).`;
+    hint.hidden = false;
+  }
+  return null;
+}
+
+// The device's history URL; null for the ids "." and "..", which a browser takes for
+// path steps (%2E too): "/api/devices/../telemetry" is another endpoint altogether.
+function historyUrl(v, query) {
+  if (v.id === '.' || v.id === '..') return null;
+  return `/api/devices/${encodeURIComponent(v.id)}/telemetry?${query}`;
+}
 
 // One chart per metric: bucket start times and per-bucket min/max/sum/count.
 // Live values wait in `pending` until the backfill up to `backfillTo` is in.
@@ -533,6 +568,9 @@ function chartData(chart) {
 }
 
 function redraw(chart) {
+  // Here, not only in the frame: a hidden tab runs no animation frames, and its
+  // series would grow for as long as it stays in the background.
+  trim(chart);
   if (chart.frame) return;
   chart.frame = requestAnimationFrame(() => {
     chart.frame = 0;
@@ -591,8 +629,10 @@ async function backfill(v, chart, to) {
   const gen = ++chart.gen;
   const from = Math.floor((to - WINDOW_MS) / STEP_MS) * STEP_MS;
   const query = new URLSearchParams({ metric: chart.metric, from, to, step: STEP_MS });
+  const url = historyUrl(v, query);
   try {
-    const body = await api(`/api/devices/${encodeURIComponent(v.id)}/telemetry?${query}`);
+    if (!url) throw new ApiError(0, 'not kept for this device id');
+    const body = await api(url);
     if (v.closed || chart.gen !== gen) return;
     appendBuckets(chart, body.points);
     chart.note.textContent = `${(body.points ?? []).length} buckets of ${STEP_MS / 1000} s, then live`;
@@ -640,8 +680,13 @@ async function reconcile(v, chart) {
   const to = Date.now();
   const from = Math.floor((to - RECONCILE_LOOKBACK_MS) / STEP_MS) * STEP_MS;
   const query = new URLSearchParams({ metric: chart.metric, from, to, step: STEP_MS });
+  const url = historyUrl(v, query);
+  if (!url) {
+    chart.reconciling = false;
+    return;
+  }
   try {
-    const body = await api(`/api/devices/${encodeURIComponent(v.id)}/telemetry?${query}`);
+    const body = await api(url);
     if (v.closed || !chart.ready || chart.gen !== gen) return; // closed, or a refill started meanwhile
     let keep = chart.t.findIndex((t) => t >= from);
     if (keep < 0) keep = chart.t.length;

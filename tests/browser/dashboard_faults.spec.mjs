@@ -24,6 +24,11 @@
 //      drawn twice (both reloads used to be appended); then a live point stamped
 //      exactly at a backfill's end (its query excludes `to`) is drawn (it was
 //      held back until the backfill was in, then skipped as already counted);
+//   3c. a device with more metrics than the page charts (MAX_CHARTS in app.js)
+//      gets that many charts and a note saying how many are left out (a device
+//      inventing names made a chart and history reads for each, and froze the tab);
+//   3d. with no animation frames (a background tab runs none), live points still
+//      trim the series to the chart window (they grew for as long as it was hidden);
 //   4. a token that expires while the page is open signs out saying so.
 // The last stdout line is a JSON summary; the exit code is 0 only if every step passed.
 
@@ -264,6 +269,46 @@ try {
     `point at the backfill's end (${edge}) not drawn: ${JSON.stringify(m00)}`);
   step('point at the backfill end drawn');
   await page.unrouteAll({ behavior: 'ignoreErrors' });
+
+  // 3c. 40 metrics on one device: 32 charts and a note for the other 8.
+  const wide = `${device}-wide`;
+  const values = Object.fromEntries(
+    Array.from({ length: 40 }, (_, i) => [`w${String(i).padStart(2, '0')}`, i]),
+  );
+  await postPoint(wide, { values });
+  await row(wide).waitFor({ timeout: 15_000 });
+  await row(wide).locator('button').click();
+  await page.locator('#detail-title').filter({ hasText: wide }).waitFor({ timeout: 5_000 });
+  await page.locator('#detail-hint').filter({ hasText: 'more metrics not charted' })
+    .waitFor({ timeout: 5_000 });
+  summary.wideCharts = await page.locator('#charts .chart').count();
+  summary.wideHint = await page.locator('#detail-hint').textContent();
+  check(summary.wideCharts === 32, `${summary.wideCharts} charts for 40 metrics (at most 32)`);
+  check(summary.wideHint.startsWith('8 more metrics not charted'), `hint: ${summary.wideHint}`);
+  step('charts capped');
+
+  // 3d. No animation frames, and the page's clock 11 minutes ahead: the buckets it
+  //     holds are all out of the window, and the next live points trim them away.
+  await row(device).locator('button').click();
+  await page.locator('#charts .chart[data-backfilled]').first().waitFor({ timeout: 10_000 });
+  const metric = await page.locator('#charts .chart').first().getAttribute('data-metric');
+  const held = await page.evaluate((m) => window.__squall.series(m).t.length, metric);
+  check(held > 0, `no buckets to trim in ${metric}`);
+  await page.evaluate(() => {
+    window.requestAnimationFrame = () => 1; // as in a hidden tab: frames never come
+    const real = Date.now.bind(Date);
+    Date.now = () => real() + 11 * 60 * 1000;
+    window.__receivedBefore = window.__squall.received;
+  });
+  await page.waitForFunction(() => window.__squall.received >= window.__receivedBefore + 3,
+    null, { timeout: 10_000, polling: 50 });
+  const left = await page.evaluate((m) => {
+    const cutoff = Date.now() - 10 * 60 * 1000 - 1000; // WINDOW_MS + STEP_MS, as trim()
+    return window.__squall.series(m).t.filter((t) => t < cutoff).length;
+  }, metric);
+  Object.assign(summary, { trimHeld: held, trimLeft: left });
+  check(left === 0, `${left} of ${held} buckets out of the window kept without animation frames`);
+  step('series trimmed without animation frames');
 
   // 4. A token expiring in a few seconds: signed out with "token expired".
   const short = hs256({ sub: user, devices: ['*'], exp: Math.floor(Date.now() / 1000) + 4 });
