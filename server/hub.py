@@ -44,6 +44,7 @@ Telemetry
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -550,10 +551,12 @@ class Hub:
         elif kind == "subscribe":
             sub_data, sub_info = msg.get("data"), msg.get("info")  # JSON text or None
             for client in targets:
-                client.server_op = self.spawn_task(
+                op = self.spawn_task(
                     _server_subscribe(client, client.server_op, msg["channel"], sub_data, sub_info),
                     "server subscribe",
                 )
+                client.server_op = op
+                op.add_done_callback(functools.partial(_server_op_done, client))
         elif kind == "refresh":
             for client in targets:
                 _after_server_op(
@@ -1136,3 +1139,9 @@ def _after_server_op(client: Client, action: Callable[..., None], *args: Any) ->
         action(*args)
     else:
         op.add_done_callback(lambda _: action(*args))
+
+
+def _server_op_done(client: Client, op: asyncio.Future[Any]) -> None:
+    """Forget a finished server subscribe (nothing waits for it any more)."""
+    if client.server_op is op:
+        client.server_op = None

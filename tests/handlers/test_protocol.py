@@ -1290,6 +1290,7 @@ async def test_server_api_subscribe_then_unsubscribe_in_one_batch_leaves_nothing
     assert kinds == ["subscribe", "unsubscribe"] * 2
     client = next(iter(sq.hub.clients.values()))
     assert client.subs == {}
+    assert client.server_op is None  # the finished subscribes are not kept
     assert ch not in sq.hub.channels
     await publish_api(sq, ch, "after")
     with pytest.raises(TimeoutError):
