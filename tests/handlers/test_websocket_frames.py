@@ -527,5 +527,7 @@ async def test_a_ping_flood_does_not_hold_the_loop(procs):
             flooder.terminate()
             await asyncio.to_thread(flooder.join)
     assert len(round_trips) > 3
-    assert max(round_trips) < 0.4 * TIME_FACTOR, f"a round trip took {max(round_trips):.2f}s"
+    # About 0.03 s here; without the turns a round trip waited for the whole 2.5 s
+    # flood. 1 s leaves room for a busy host (one full-suite run saw 0.46 s).
+    assert max(round_trips) < 1.0 * TIME_FACTOR, f"a round trip took {max(round_trips):.2f}s"
     assert proc.error_lines() == []
