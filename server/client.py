@@ -551,13 +551,13 @@ class Client:
         subs: dict[str, Any] = {}
         afters: list[Callable[[], None]] = []
         recovered_bytes = 0
-        if len(set(creds.channels)) > cfg.max_channels:
+        listed = len(set(creds.channels))
+        if listed > cfg.max_channels:
             # As Centrifugo: the connection could subscribe to nothing else (106), and
             # client.max_channels bounds what one connection holds, a token's list too.
             raise DisconnectError(
                 codes.CHANNEL_LIMIT,
-                f"token lists {len(set(creds.channels))} channels, "
-                f"client.max_channels is {cfg.max_channels}",
+                f"token lists {listed} channels, client.max_channels is {cfg.max_channels}",
             )
         for channel in creds.channels:
             opts = self._hub.config.channel_options(channel)

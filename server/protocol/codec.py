@@ -39,14 +39,11 @@ def compact(data: bytes) -> bytes:
     return bytes(memoryview(data))
 
 
-MAX_DATA_DEPTH: Final = 254  # nesting orjson encodes (it decodes up to 1024)
-
-
 def encode_data(value: Any, what: str = "data") -> bytes:
     """A client's or the server API's JSON value (``data``, ``info``) as JSON again.
 
     Raises ``ClientError`` 107 for a value JSON decoding gave but orjson cannot
-    encode: nesting deeper than ``MAX_DATA_DEPTH`` levels (it decodes 1024).
+    encode: nesting deeper than 254 levels (it decodes 1024).
     """
     try:
         return orjson.dumps(value)
