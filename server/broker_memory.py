@@ -11,6 +11,7 @@ creates a stream (and fixes its epoch), as in every engine.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -29,8 +30,13 @@ from server.broker import (
 )
 from server.errors import StreamMissing
 
+log = logging.getLogger("squall.broker")
+
 DEFAULT_META_TTL: Final = 24 * 3600.0  # seconds a stream position outlives its last use
-MAX_IDEMPOTENCY_KEYS: Final = 10_000
+# idempotency_key results remembered (about 300 bytes each): the oldest go first,
+# before their ttl once there are more (a broadcast with a key adds one per channel).
+MAX_IDEMPOTENCY_KEYS: Final = 100_000
+EVICTION_LOG_INTERVAL: Final = 60.0  # seconds between warnings about early evictions
 
 
 def new_epoch() -> str:
@@ -56,6 +62,7 @@ class MemoryBroker:
         self._idempotency: OrderedDict[tuple[str, str], tuple[StreamPosition, float]] = (
             OrderedDict()
         )
+        self._evicted_logged_at = -EVICTION_LOG_INTERVAL  # time.monotonic() of the last warning
         self._meta_ttl = meta_ttl
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -122,7 +129,14 @@ class MemoryBroker:
             ttl = opts.history_ttl or 300.0
             self._idempotency[(channel, opts.idempotency_key)] = (position, now + ttl)
             while len(self._idempotency) > MAX_IDEMPOTENCY_KEYS:
-                self._idempotency.popitem(last=False)
+                _, (_, expires) = self._idempotency.popitem(last=False)
+                if expires > now and now - self._evicted_logged_at >= EVICTION_LOG_INTERVAL:
+                    self._evicted_logged_at = now
+                    log.warning(
+                        "more than %d idempotency keys within their ttl: the oldest are "
+                        "forgotten early (a retry of one would publish again)",
+                        MAX_IDEMPOTENCY_KEYS,
+                    )
         if channel in self._subscribed and self._events is not None:
             self._events.on_publication(channel, pub)
         return position

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pytest
 from tornado.ioloop import IOLoop
 
+from server import broker_memory
 from server.broker import (
     Broker,
     ClientInfo,
@@ -27,6 +28,7 @@ from server.broker_memory import MemoryBroker, MemoryPresenceManager
 from server.broker_redis import RedisBroker
 from server.config import RedisConfig
 from tests.engines import RecordingEvents, eventually, info
+from tests.helpers.logs import expect_log
 
 HISTORY = PublishOptions(history_size=10, history_ttl=60.0)
 
@@ -247,6 +249,22 @@ async def test_idempotency_key_returns_first_position_and_publishes_once(broker:
     assert [p.data for p in broker.events.pubs_in(ch)] == [b"1", b"2", b"3", b"4"]
 
 
+async def test_idempotency_key_outlives_ten_thousand_other_keyed_publishes(
+    broker: Engines,
+) -> None:
+    """A retry is recognised after 20 000 other keyed publishes within the key's ttl (one
+    broadcast with a key over as many channels): the memory engine kept 10 000 and
+    published such a retry a second time."""
+    ch = channel()
+    opts = PublishOptions(history_size=10, history_ttl=60.0, idempotency_key="order-1")
+    first = await broker.broker.publish(ch, b"1", opts)
+    for n in range(20_000):
+        other = PublishOptions(idempotency_key=f"k{n}")
+        await broker.broker.publish(f"{ch}-{n}", b"x", other)
+    assert await broker.broker.publish(ch, b"1", opts) == first
+    assert [p.offset for p in (await broker.broker.history(ch)).publications] == [first.offset]
+
+
 async def test_remove_history_keeps_position(broker: Engines) -> None:
     """remove_history drops the items; the next publication continues the same stream."""
     ch = channel()
@@ -421,3 +439,19 @@ async def test_presence_entries_expire_unless_refreshed(broker: Engines) -> None
     await eventually(stale_gone)
     assert await broker.presence.presence(ch) == {"fresh": info("bob", "fresh")}
     assert await broker.presence.presence_stats(ch) == (1, 1)
+
+
+async def test_memory_engine_warns_when_it_forgets_idempotency_keys_early(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past its bound the memory engine forgets the oldest keys within their ttl, and says
+    so (once a minute): a retry of one of those would be published again."""
+    monkeypatch.setattr(broker_memory, "MAX_IDEMPOTENCY_KEYS", 3)
+    mem = MemoryBroker()
+    opts = [
+        PublishOptions(history_size=10, history_ttl=60.0, idempotency_key=f"k{n}") for n in range(5)
+    ]
+    with expect_log("squall.broker", r"more than 3 idempotency keys within their ttl"):
+        positions = [await mem.publish("chat:idem", b"x", o) for o in opts]
+    assert await mem.publish("chat:idem", b"x", opts[4]) == positions[4]  # kept
+    assert (await mem.publish("chat:idem", b"x", opts[0])).offset == 6  # forgotten
