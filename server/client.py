@@ -808,9 +808,10 @@ class Client:
             throttle=None if max_rate is None else Throttle(self, max_rate),
         )
         # Join/leave pushes go to subscribers that ask (the SDKs' join_leave
-        # option) unless the namespace forces them, as in Centrifugo.
+        # option) unless the namespace forces them, as in Centrifugo: a server-side
+        # subscription cannot ask, so it gets them only when forced.
         sub.join_leave = opts.join_leave and (
-            server_side or opts.force_push_join_leave or bool(req.get("join_leave"))
+            opts.force_push_join_leave or (not server_side and bool(req.get("join_leave")))
         )
         self.subs[channel] = sub
         result: dict[str, Any] = {}
@@ -858,9 +859,7 @@ class Client:
         if self.subs.get(channel) is not sub and opts.presence:
             # Ended meanwhile (connection closed, server unsubscribe): the presence
             # entry may have been added after its removal.
-            self._hub.spawn(
-                self._hub.presence_manager.remove_presence(channel, self.id), "presence remove"
-            )
+            self._hub.remove_presence_later(channel, self.id)
         if position is not None:
             offset = position.offset if reply_offset is None else reply_offset
             result.update(positioned=True, epoch=position.epoch, offset=offset)

@@ -573,8 +573,9 @@ def _check(cfg: Config) -> None:
             # offsets come from the broker's history stream; without one nothing is stored
             raise ConfigError(f"{name}.persist: needs history_size and history_ttl set")
         if opts.persist and 0 < opts.persist_ttl < opts.history_ttl:
-            # History reads the broker's window too, which keeps history_ttl seconds:
-            # it would return publications older than persist_ttl promises.
+            # History reads the broker's window too, which keeps a stream's last
+            # history_ttl seconds of activity: a shorter persist_ttl would make
+            # that window drop what it holds (reads skip what is past persist_ttl).
             raise ConfigError(
                 f"{name}.persist_ttl: must be 0 (forever) or at least history_ttl "
                 f"({opts.history_ttl:g}s)"

@@ -50,7 +50,7 @@ import os
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -91,6 +91,7 @@ MAX_RECOVERY: Final = 10_000  # publications one recovery may return
 # persistent channel can hold millions, and reading them all would stall the
 # loop and the memory for every connection. Callers page on with ``since``.
 MAX_HISTORY_PAGE: Final = 10_000
+PRESENCE_REFRESH_BATCH: Final = 256  # presence refreshes in flight at once
 RESTORED_CACHE: Final = 100_000  # persistent channels whose broker position was restored
 LOCAL_ONLY_LOG_INTERVAL: Final = 10.0  # seconds between "delivering locally only" warnings
 FLUSH_PAUSE_MIN: Final = 0.0005  # seconds: a shorter pause after a flush is not worth a timer
@@ -160,10 +161,14 @@ class Hub:
         self._flush_scheduled = False
         self._flush_not_before = 0.0  # time.monotonic() before which no flush starts (_flush)
         self._tasks: set[asyncio.Task[Any]] = set()
+        # (channel, client id) -> the last presence or join/leave call queued for that
+        # subscriber: each runs after the one before it (see member_op).
+        self._member_ops: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._loops: list[asyncio.Task[None]] = []
         # Persistent channels whose broker stream was set from the store in this
-        # process -> whether the stream has durable positions (see _restore).
-        self._restored: OrderedDict[str, bool] = OrderedDict()
+        # process -> True when the stream has durable positions, else False or the
+        # epoch of the empty stream a history read found (see _restore, _history).
+        self._restored: OrderedDict[str, bool | str] = OrderedDict()
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribed: asyncio.Future[None] | None = None  # see _subscribed_future
@@ -220,6 +225,35 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(lambda t: self._task_done(t, what))
         return task
+
+    def member_op(
+        self,
+        channel: str,
+        client_id: str,
+        op: Callable[[], Awaitable[Any]],
+        what: str,
+    ) -> asyncio.Future[Any]:
+        """Run ``op()`` (a presence or join/leave call of one subscriber) in the
+        background, once the previous one for the same channel and connection has
+        finished.
+
+        Each is a separate engine call, on any of the pool's connections: a leave
+        could otherwise reach the other nodes before its join (their members lists
+        then keep a ghost), and the removal of an entry by an unsubscribe could land
+        after the add of a subscribe right behind it (the subscriber missing from
+        presence until the next refresh). Centrifugo makes these calls before it
+        replies; here a reply does not wait for the join or leave.
+        """
+        key = (channel, client_id)
+        prev = self._member_ops.get(key)
+        task = self.spawn_task(_after(prev, op), what)
+        self._member_ops[key] = task
+        task.add_done_callback(functools.partial(self._member_op_done, key))
+        return task
+
+    def _member_op_done(self, key: tuple[str, str], task: asyncio.Future[Any]) -> None:
+        if self._member_ops.get(key) is task:
+            del self._member_ops[key]
 
     def _task_done(self, task: asyncio.Task[Any], what: str) -> None:
         self._tasks.discard(task)
@@ -351,10 +385,23 @@ class Hub:
             return None
         self._drop(client, channel)
         if sub.opts.presence:
-            self.spawn(self.presence_manager.remove_presence(channel, client.id), "presence remove")
+            self.remove_presence_later(channel, client.id)
             if sub.opts.join_leave and sub.live:
-                self.spawn(self.broker.publish_leave(channel, sub.info), "leave")
+                info = sub.info
+                _ = self.member_op(
+                    channel, client.id, lambda: self.broker.publish_leave(channel, info), "leave"
+                )
         return sub
+
+    def remove_presence_later(self, channel: str, client_id: str) -> None:
+        """Remove one presence entry in the background, after the subscriber's
+        earlier presence calls."""
+        _ = self.member_op(
+            channel,
+            client_id,
+            lambda: self.presence_manager.remove_presence(channel, client_id),
+            "presence remove",
+        )
 
     def _drop(self, client: Client, channel: str) -> None:
         chan = self.channels.get(channel)
@@ -399,7 +446,10 @@ class Hub:
                     chan.waiters = {}
                 chan.waiters[client] = position
         if sub.opts.presence and sub.opts.join_leave:
-            self.spawn(self.broker.publish_join(sub.channel, sub.info), "join")
+            channel, info = sub.channel, sub.info
+            _ = self.member_op(
+                channel, client.id, lambda: self.broker.publish_join(channel, info), "join"
+            )
 
     def _release_waiters(self, channel: str, chan: ChannelSubs, pub: Publication) -> None:
         """Start live delivery for the subscriptions ``pub`` brings up to date.
@@ -642,20 +692,35 @@ class Hub:
         self._check_storable(channel, data, info, tags)
         self._store_reserved += 1
         try:
+            fresh = channel not in self._restored
             await self._restore(channel)
             try:
+                # The broker's stream must exist unless the store was found empty
+                # just now: an earlier empty look may be out of date (another node
+                # has published since, and then Redis lost the stream).
                 position = await self._publish(
-                    channel, data, opts, info, tags, idempotency_key, last_try=False
+                    channel,
+                    data,
+                    opts,
+                    info,
+                    tags,
+                    idempotency_key,
+                    require_stream=not fresh or self._restored.get(channel) is True,
+                    last_try=False,
                 )
             except StreamMissing:
                 # The broker lost the stream while this process ran (Redis restarted
                 # without its data, or the position expired): continue it from the
                 # store rather than start a new epoch that hides the durable history.
-                log.warning(
-                    "the broker lost the stream of %s; continuing it from the store", channel
-                )
                 await self._restore(channel, again=True)
-                position = await self._publish(channel, data, opts, info, tags, idempotency_key)
+                restored = self._restored.get(channel) is True
+                if restored:
+                    log.warning(
+                        "the broker lost the stream of %s; continuing it from the store", channel
+                    )
+                position = await self._publish(
+                    channel, data, opts, info, tags, idempotency_key, require_stream=restored
+                )
             if position.offset and channel in self._restored:
                 self._restored[channel] = True
             return position
@@ -671,21 +736,22 @@ class Hub:
         tags: dict[str, str] | None,
         idempotency_key: str,
         *,
+        require_stream: bool = False,
         last_try: bool = True,
     ) -> StreamPosition:
         """Publish through the broker, then append to the store (persistent channels).
 
         Raises:
-            StreamMissing: the broker has no position for a persistent channel
-                that has durable ones, unless ``last_try`` (then 100, like any
-                engine failure).
+            StreamMissing: ``require_stream`` and the broker has no position for
+                the channel, unless ``last_try`` (then 100, like any engine
+                failure).
         """
         popts = self.publish_options(
             opts,
             info=info,
             tags=tags,
             idempotency_key=idempotency_key,
-            require_stream=opts.persist and self._restored.get(channel, False),
+            require_stream=opts.persist and require_stream,
         )
         try:
             position = await self.broker.publish(channel, data, popts)
@@ -841,13 +907,24 @@ class Hub:
         if since is not None and reverse and since.offset == 0:
             raise ClientError(codes.BAD_REQUEST, "reverse history needs since.offset above 0")
         try:
+            fresh = opts.persist and channel not in self._restored
             if opts.persist:
                 await self._restore(channel)
             page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
-            if opts.persist and not page.position.offset and self._restored.get(channel):
-                # The broker lost the stream (see _restore): continue it, read again.
-                await self._restore(channel, again=True)
-                page = await self.broker.history(channel, since=since, limit=limit, reverse=reverse)
+            if opts.persist and not page.position.offset:
+                known = self._restored.get(channel)
+                # The broker has no offsets: it lost the stream (see _restore) if the
+                # store had positions, or if the store was empty at an earlier look
+                # and the stream's epoch changed since (another node may have
+                # published in between). The same empty epoch: nothing happened.
+                if known is True or (not fresh and known != page.position.epoch):
+                    await self._restore(channel, again=True)
+                    if self._restored.get(channel) is True:
+                        page = await self.broker.history(
+                            channel, since=since, limit=limit, reverse=reverse
+                        )
+                if channel in self._restored and self._restored[channel] is not True:
+                    self._restored[channel] = page.position.epoch
             if not opts.persist or limit == 0:
                 return page
             top = page.position
@@ -858,12 +935,20 @@ class Hub:
             elif since.epoch != top.epoch:
                 return page
             stored = await self.store.read_since(channel, since=since, limit=limit, reverse=reverse)
+            # Publications accepted after the broker read are past this page's own
+            # top: a recovery would count them as a gap in the stream.
+            stored = [p for p in stored if p.offset <= top.offset]
             # The broker's window is what every node has published; the store
             # lacks, for a moment, what other nodes accepted but have not written
             # yet (each writes behind from its own queue): take both.
             found = {p.offset: p for p in stored}
+            # history_ttl is renewed by every publish (it keeps the whole window
+            # alive), so the window may hold publications past persist_ttl, which
+            # reads never return.
+            oldest = (time.time() - opts.persist_ttl) * 1000 if opts.persist_ttl > 0 else 0.0
             for p in page.publications:
-                found.setdefault(p.offset, p)
+                if p.time >= oldest:
+                    found.setdefault(p.offset, p)
             pubs = [found[o] for o in sorted(found, reverse=reverse)]
             return HistoryPage(pubs[:limit], top)
         except EngineError as exc:
@@ -950,28 +1035,54 @@ class Hub:
             raise ClientError(codes.INTERNAL) from None
 
     async def add_presence(self, sub: Subscription) -> None:
-        """Add one subscription's presence entry; failures are logged, not raised."""
-        try:
-            await self.presence_manager.add_presence(
-                sub.channel, sub.info, self.config.client.presence_ttl
-            )
-        except EngineError as exc:
-            log.warning("presence add for %s failed: %s", sub.channel, exc)
+        """Add one subscription's presence entry (after the subscriber's earlier
+        presence calls); failures are logged, not raised."""
+        channel, info, ttl = sub.channel, sub.info, self.config.client.presence_ttl
+
+        async def add() -> None:
+            try:
+                await self.presence_manager.add_presence(channel, info, ttl)
+            except EngineError as exc:
+                log.warning("presence add for %s failed: %s", channel, exc)
+
+        await self.member_op(channel, info.client, add, "presence add")
 
     async def _presence_forever(self, interval: float) -> None:
+        """Refresh this node's presence entries every ``interval`` seconds.
+
+        Up to ``PRESENCE_REFRESH_BATCH`` calls at a time: one after another, a pass
+        over tens of thousands of subscriptions took longer than entries live
+        (``presence_ttl``), and present subscribers dropped out of presence.
+        """
         ttl = self.config.client.presence_ttl
         while True:
             await asyncio.sleep(interval)
+            failed: list[BaseException] = []
+            batch: list[asyncio.Future[Any]] = []
             for chan_name, chan in list(self.channels.items()):
                 for client, sub in list(chan.subs.items()):
                     # Skip one that ended during this pass (the awaits let it): its
                     # entry is removed, and adding it back would keep it presence_ttl.
                     if sub.opts.presence and sub.live and chan.subs.get(client) is sub:
-                        try:
-                            await self.presence_manager.add_presence(chan_name, sub.info, ttl)
-                        except EngineError as exc:
-                            log.warning("presence refresh failed: %s", exc)
-                            break
+                        batch.append(self._refresh_presence(chan_name, sub.info, ttl, failed))
+                    if len(batch) >= PRESENCE_REFRESH_BATCH:
+                        await asyncio.wait(batch)
+                        batch = []
+            if batch:
+                await asyncio.wait(batch)
+            if failed:
+                log.warning("presence refresh failed for %d entries: %s", len(failed), failed[0])
+
+    def _refresh_presence(
+        self, channel: str, info: ClientInfo, ttl: float, failed: list[BaseException]
+    ) -> asyncio.Future[Any]:
+        async def refresh() -> None:
+            try:
+                await self.presence_manager.add_presence(channel, info, ttl)
+            except EngineError as exc:
+                failed.append(exc)
+
+        return self.member_op(channel, info.client, refresh, "presence refresh")
 
     # ------------------------------------------------------------------ control
 
@@ -1145,3 +1256,11 @@ def _server_op_done(client: Client, op: asyncio.Future[Any]) -> None:
     """Forget a finished server subscribe (nothing waits for it any more)."""
     if client.server_op is op:
         client.server_op = None
+
+
+async def _after(prev: asyncio.Future[Any] | None, op: Callable[[], Awaitable[Any]]) -> Any:
+    """``await op()`` once ``prev`` has finished, however it finished (its own
+    task reports its failure)."""
+    if prev is not None and not prev.done():
+        await asyncio.wait([prev])
+    return await op()

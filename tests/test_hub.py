@@ -408,3 +408,70 @@ async def test_small_publications_kept_in_history_hold_only_their_own_bytes(squa
     assert len(page["result"]["publications"]) == 100
     kept = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     assert kept / 1000 < 1024, f"{kept / 1000:.0f} bytes kept per publication"
+
+
+async def test_presence_refresh_of_many_subscriptions_beats_the_entries_expiry(squall):
+    """Presence entries are refreshed concurrently: one refresh after another, a pass over
+    many subscriptions with a slow presence engine took longer than entries live, and
+    subscribers still connected dropped out of presence (here: 30 subscriptions, 50 ms a
+    call, entries living 0.6 s; one after another a pass would take 1.5 s)."""
+    sq = await squall(**{"client.presence_interval": 0.2, "client.presence_ttl": 0.6})
+    manager = sq.hub.presence_manager
+    real_add = manager.add_presence
+    in_flight = most = 0
+
+    async def slow_add(channel, info, ttl):
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # a slow engine, as Redis far away or busy
+            await real_add(channel, info, ttl)
+        finally:
+            in_flight -= 1
+
+    manager.add_presence = slow_add
+    total = 30
+    for n in range(total):
+        c = await sq.raw(connect=True, sub=f"u{n}")
+        reply = await c.command("subscribe", {"channel": f"chat:room{n}"})
+        assert "subscribe" in reply, reply
+    for _ in range(6):  # 1.5 s: several refresh passes
+        await asyncio.sleep(0.25)
+        counts = [
+            (await sq.api("presence_stats", {"channel": f"chat:room{n}"}))["result"]["num_clients"]
+            for n in range(total)
+        ]
+        assert counts == [1] * total
+    assert most > 1
+
+
+async def test_persistent_recovery_ignores_publications_accepted_after_its_broker_read(squall):
+    """A publication accepted between a recovery's read of the broker (which gives the
+    stream's top) and its read of the store is not part of that recovery: with it the
+    page ran past its own top, and the recovery answered ``recovered: false`` though
+    nothing was missing (about one in twenty under steady publishing)."""
+    sq = await squall()
+    ch = "persist:" + "race"
+    opts = sq.hub.config.channel_options(ch)
+    first = await sq.hub.publish(ch, b"1", opts)
+    for n in (2, 3):
+        await sq.hub.publish(ch, b"%d" % n, opts)
+    store = sq.hub.store
+    real_read = store.read_since
+
+    async def read_after_a_publish(*args, **kw):
+        store.read_since = real_read
+        await sq.hub.publish(ch, b"4", opts)  # lands between the two reads
+        return await real_read(*args, **kw)
+
+    store.read_since = read_after_a_publish
+    c = await sq.raw(connect=True)
+    reply = await c.command(
+        "subscribe",
+        {"channel": ch, "recoverable": True, "recover": True, "offset": 1, "epoch": first.epoch},
+    )
+    result = reply["subscribe"]
+    assert result["recovered"] is True, reply
+    assert [p["data"] for p in result["publications"]] == [2, 3]
+    assert (await c.next_push())["push"]["pub"]["offset"] == 4  # then live, once

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tornado.websocket
 from centrifuge import ClientState
 
 from tests.cluster import (
@@ -21,6 +22,7 @@ from tests.cluster import (
     until,
 )
 from tests.helpers.process import NODE_EXPIRY, SquallCluster, close_checked
+from tests.helpers.server import RawClient, token
 
 
 @pytest.fixture
@@ -128,6 +130,45 @@ async def test_join_and_leave_are_seen_across_instances(cluster, sdk):
     leave = await ev_a.next("leave")
     assert (leave.info.user, leave.info.client) == ("bob", bob.client_id)
     assert ev_a.drain("join") == []
+
+
+async def test_short_subscriptions_join_before_they_leave_on_other_instances(cluster):
+    """Clients that subscribe on A and go away right after the reply: an observer on B
+    gets each one's join before its leave. The two were published by separate calls on
+    any of the pool's connections, and under load a leave often overtook its join (the
+    observer's members list then kept ghosts)."""
+    a, b = await cluster.start_async(2)
+    ch = "chat:short-lived"
+    observer = RawClient(await tornado.websocket.websocket_connect(b.ws_url))
+    await observer.connect(sub="observer")
+    assert "subscribe" in await observer.command("subscribe", {"channel": ch})
+    total, at_once = 600, 100
+
+    async def visit(n: int) -> None:
+        c = RawClient(await tornado.websocket.websocket_connect(a.ws_url))
+        try:
+            await c.send({"id": 1, "connect": {"token": token(f"u{n}")}})
+            await c.send({"id": 2, "subscribe": {"channel": ch}})
+            while (await c.next_non_ping()).get("id") != 2:
+                pass
+        finally:
+            c.close()
+
+    gate = asyncio.Semaphore(at_once)
+
+    async def gated(n: int) -> None:
+        async with gate:
+            await visit(n)
+
+    await asyncio.gather(*(gated(n) for n in range(total)))
+    events: dict[str, list[str]] = {}
+    while sum(len(e) for e in events.values()) < 2 * total:
+        push = (await observer.next_push(within=WITHIN))["push"]
+        for event in ("join", "leave"):
+            if event in push and push[event]["info"]["user"] != "observer":
+                events.setdefault(push[event]["info"]["client"], []).append(event)
+    out_of_order = [c for c, e in events.items() if e != ["join", "leave"]]
+    assert (len(events), out_of_order) == (total, [])
 
 
 async def test_api_disconnect_on_one_instance_drops_the_user_on_another(cluster, sdk):

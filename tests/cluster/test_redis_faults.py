@@ -341,6 +341,63 @@ async def test_redis_restarted_without_its_data_persistent_channels_continue_the
         assert (page["offset"], page["epoch"]) == (4, epochs[ch])
 
 
+@pytest.fixture
+def stored_cluster(
+    redis_server: services.ServiceProcess, mongo_url: str, unique_prefix: str, tmp_path: Path
+) -> Iterator[SquallCluster]:
+    """Nodes on the private Redis and one shared MongoDB (this test's own database)."""
+    made = SquallCluster(
+        f"redis://127.0.0.1:{redis_server.port}/0",
+        unique_prefix,
+        base=tmp_path,
+        overrides={"mongodb.url": mongo_url, "mongodb.database": unique_prefix},
+    )
+    yield made
+    close_checked(made)
+
+
+async def test_redis_losing_its_data_after_another_instance_published_keeps_the_stream(
+    redis_server, stored_cluster
+):
+    """Instance B looked at persistent channels while they were still empty, then A
+    published to them and Redis lost its data. B's next history read and publish continue
+    A's stream from the store (same epoch, next offset): B used to trust its old look at
+    the empty store, published into a new epoch and read an empty one, hiding the durable
+    history from every instance."""
+    a, b = await stored_cluster.start_async(2)
+    read_first, publish_first = "persist:b-reads-first", "persist:b-publishes-first"
+    for ch in (read_first, publish_first):
+        page = await api_ok(b, "history", {"channel": ch, "limit": -1})
+        assert (page["publications"], page["offset"]) == ([], 0)
+    epochs = {}
+    for ch in (read_first, publish_first):
+        for n in (1, 2, 3):
+            result = await api_ok(a, "publish", {"channel": ch, "data": {"n": n}})
+        epochs[ch] = result["epoch"]
+    await until(lambda: _store_idle(a), what="A has written its publications")
+
+    redis_server.kill()
+    redis_server.start()  # the same port, empty
+    for node in (a, b):
+        await until(lambda node=node: _status_is(node, "/ready", 200), what="/ready 200")
+
+    page = await api_ok(b, "history", {"channel": read_first, "limit": -1})
+    assert [p["data"]["n"] for p in page["publications"]] == [1, 2, 3]
+    assert (page["offset"], page["epoch"]) == (3, epochs[read_first])
+    result = await api_ok(b, "publish", {"channel": publish_first, "data": {"n": 4}})
+    assert (result["offset"], result["epoch"]) == (4, epochs[publish_first])
+    for node in (a, b):
+        page = await api_ok(node, "history", {"channel": publish_first, "limit": -1})
+        assert [p["data"]["n"] for p in page["publications"]] == [1, 2, 3, 4]
+        assert page["epoch"] == epochs[publish_first]
+    assert b.log_text().count("the broker lost the stream of persist:b-publishes-first") == 1
+
+
+async def _store_idle(node: SquallProcess) -> bool:
+    nodes = (await api_ok(node, "info", {}))["nodes"]
+    return bool(nodes[0]["store"]["queue_depth"] == 0)
+
+
 async def test_history_remove_while_redis_is_down_answers_100_in_json(redis_server, cluster):
     """history_remove with Redis unreachable gets error 100 (temporary) like every other
     method, not an HTTP 500 page; in a batch the other commands still get their replies."""

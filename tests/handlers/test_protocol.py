@@ -289,6 +289,25 @@ async def test_server_side_subscription_shows_in_presence(squall):
     assert list(reply["presence"]["presence"]) == [client_id]
 
 
+async def test_server_side_subscription_gets_join_and_leave_only_when_forced(squall):
+    """A server-side subscription cannot ask for join/leave pushes: it gets them only when
+    the namespace forces them (``force_push_join_leave``), as in Centrifugo. It got them
+    always: every visitor of a big token channel cost a push to each of its members."""
+    sq = await squall(**{"namespaces.chat.force_push_join_leave": False})
+    ch = "chat:" + chan()
+    member = await sq.raw()
+    await member.connect(token=token("alice", extra={"channels": [ch]}))
+    watcher = await sq.raw(connect=True, sub="carol")
+    await subscribed(watcher, ch, join_leave=True)  # asks
+    visitor = await sq.raw(connect=True, sub="bob")
+    await subscribed(visitor, ch)
+    while (await next_of(watcher, "join"))["join"]["info"]["user"] != "bob":
+        pass  # its own join first
+    await publish_api(sq, ch, "after the join")
+    push = await member.next_push()
+    assert kind(push) == "pub", push  # the join never came
+
+
 async def test_server_side_subscription_recovers_on_reconnect(squall):
     """Reconnecting with `subs` positions recovers the missed pubs of server-side channels."""
     sq = await squall()
@@ -751,6 +770,38 @@ async def test_history_of_a_long_persistent_stream_comes_in_pages_of_10000(squal
     assert reply["result"]["publications"][-1]["offset"] == 10_000
 
 
+async def test_persistent_history_never_returns_a_publication_older_than_persist_ttl(squall):
+    """A persistent channel's history and recovery skip publications older than
+    ``persist_ttl`` (README), although the broker's window still holds them: its
+    ``history_ttl`` is renewed by every publish, so a busy channel keeps old ones."""
+    ttl = 1.0
+    sq = await squall(
+        **{"namespaces.persist.history_ttl": ttl, "namespaces.persist.persist_ttl": ttl}
+    )
+    ch = "persist:" + chan()
+    opts = sq.hub.config.channel_options(ch)
+    first = await sq.hub.publish(ch, b"1", opts)
+    await asyncio.sleep(0.7 * ttl)
+    await sq.hub.publish(ch, b"2", opts)  # renews the window's ttl
+    await asyncio.sleep(0.5 * ttl)  # the first is 1.2 ttl old, the second 0.5
+    reply = await sq.api("history", {"channel": ch, "limit": -1})
+    assert [p["data"] for p in reply["result"]["publications"]] == [2], reply
+    c = await sq.raw(connect=True)
+    sub = await c.command(
+        "subscribe",
+        {"channel": ch, "recoverable": True, "recover": True, "offset": 0, "epoch": first.epoch},
+    )
+    # Offset 1 is gone: not recoverable exactly (the window alone would have "recovered").
+    assert (sub["subscribe"]["recovered"], sub["subscribe"].get("publications")) == (False, None)
+    await c.command("unsubscribe", {"channel": ch})
+    sub = await c.command(
+        "subscribe",
+        {"channel": ch, "recoverable": True, "recover": True, "offset": 1, "epoch": first.epoch},
+    )
+    assert sub["subscribe"]["recovered"] is True, sub
+    assert [p["data"] for p in sub["subscribe"]["publications"]] == [2], sub
+
+
 async def test_history_since_another_epoch_gets_112(squall):
     """History since a position from another stream epoch gets 112, not an empty page."""
     sq = await squall()
@@ -948,6 +999,42 @@ async def test_presence_forgets_a_subscriber_that_left(squall):
     assert (await next_of(a, "leave"))["leave"]["info"]["user"] == "bob"
     reply = await a.command("presence", {"channel": ch})
     assert list(reply["presence"]["presence"]) == [a_id]
+
+
+async def test_unsubscribe_then_subscribe_again_keeps_the_subscriber_in_presence(squall):
+    """A client that leaves a presence channel and joins it again right away (a view
+    mounted again) is listed in presence once more: the removal of its old entry ran after
+    the new one was added and deleted it, until the next refresh (25 s by default)."""
+    sq = await squall()
+    ch = "chat:" + chan()
+    a = await sq.raw(connect=True)
+    await subscribed(a, ch)
+    b = await sq.raw()
+    b_id = (await b.connect(sub="bob"))["connect"]["client"]
+    await subscribed(b, ch)
+    await b.send(
+        {"id": 100, "unsubscribe": {"channel": ch}}, {"id": 101, "subscribe": {"channel": ch}}
+    )
+    replies = []
+    while len(replies) < 2:
+        msg = await b.next_non_ping()
+        if "id" in msg:
+            replies.append(msg)
+    assert [r["id"] for r in replies] == [100, 101], replies
+    assert "subscribe" in replies[1], replies
+    reply = await a.command("presence", {"channel": ch})
+    assert b_id in reply["presence"]["presence"], reply
+    stats = await sq.api("presence_stats", {"channel": ch})
+    assert stats["result"] == {"num_clients": 2, "num_users": 2}
+    # Bob's join, his leave, then his join again, in that order.
+    seen = []
+    while len(seen) < 3:
+        push = (await a.next_push())["push"]
+        if kind({"push": push}) in ("join", "leave"):
+            event = kind({"push": push})
+            if push[event]["info"]["user"] == "bob":
+                seen.append(event)
+    assert seen == ["join", "leave", "join"]
 
 
 # ---------------------------------------------------------------------- rpc / send
