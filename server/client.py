@@ -374,6 +374,11 @@ class Client:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def connected(self) -> bool:
+        """Past a successful connect, and not closed."""
+        return self.state is State.CONNECTED and not self._closed
+
     # ------------------------------------------------------------------ input
 
     async def handle_frame(self, data: str | bytes) -> None:
@@ -548,9 +553,6 @@ class Client:
         result["node"] = self._hub.node.uid
         wanted = p.get("subs")
         recover = wanted if isinstance(wanted, dict) else {}
-        subs: dict[str, Any] = {}
-        afters: list[Callable[[], None]] = []
-        recovered_bytes = 0
         listed = len(set(creds.channels))
         if listed > cfg.max_channels:
             # As Centrifugo: the connection could subscribe to nothing else (106), and
@@ -559,6 +561,56 @@ class Client:
                 codes.CHANNEL_LIMIT,
                 f"token lists {listed} channels, client.max_channels is {cfg.max_channels}",
             )
+        gate: asyncio.Future[None] | None = None
+        if creds.channels and self.server_op is None:
+            # Server API commands for this user that arrive while the token's
+            # channels are subscribed (engine calls) reach this connection too
+            # (Hub._control_targets): a disconnect at once, the others once the
+            # connect reply is out, waiting for this as for a server API subscribe.
+            gate = self.server_op = self._loop.create_future()
+        try:
+            reply_and_activate = await self._token_channels(creds, recover)
+        except BaseException:
+            self._open_gate(gate)
+            raise
+        if reply_and_activate is None:
+            self._open_gate(gate)
+            return None
+        subs, afters = reply_and_activate
+        if subs:
+            result["subs"] = subs
+        # Only now can pushes (server API: subscribe, message, ...) reach this
+        # client through the hub: none may come before the connect reply.
+        self._hub.connecting.discard(self)
+        self._hub.add_client(self)
+        self._schedule_ping()
+
+        def activate() -> None:
+            for after in afters:
+                after()
+            self._open_gate(gate)
+
+        return result, activate
+
+    def _open_gate(self, gate: asyncio.Future[None] | None) -> None:
+        """Let the server API commands that arrived during the connect run."""
+        if gate is None:
+            return
+        if not gate.done():
+            gate.set_result(None)
+        if self.server_op is gate:
+            self.server_op = None
+
+    async def _token_channels(
+        self,
+        creds: Credentials,
+        recover: Mapping[str, Any],
+    ) -> tuple[dict[str, Any], list[Callable[[], None]]] | None:
+        """Subscribe the token's ``channels``: their replies and activations, or
+        ``None`` when the connection ended meanwhile."""
+        subs: dict[str, Any] = {}
+        afters: list[Callable[[], None]] = []
+        recovered_bytes = 0
         for channel in creds.channels:
             opts = self._hub.config.channel_options(channel)
             if opts is None or channel in self.subs:
@@ -592,19 +644,7 @@ class Client:
             afters.append(after)
             if "publications" in reply:  # a Fragment: dumps returns its bytes
                 recovered_bytes += len(orjson.dumps(reply["publications"]))
-        if subs:
-            result["subs"] = subs
-        # Only now can pushes (server API: subscribe, message, ...) reach this
-        # client through the hub: none may come before the connect reply.
-        self._hub.connecting.discard(self)
-        self._hub.add_client(self)
-        self._schedule_ping()
-
-        def activate() -> None:
-            for after in afters:
-                after()
-
-        return result, activate
+        return subs, afters
 
     def _undo_connect(self, channels: list[str]) -> None:
         """Back to the state before ``connect``: its subscriptions and timers undone."""

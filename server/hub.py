@@ -627,7 +627,11 @@ class Hub:
         if not isinstance(user, str):
             return []
         client_id = msg.get("client") or ""
-        return [c for c in self.user_clients(user) if not client_id or c.id == client_id]
+        # Connected, and connecting past the token check (subscribing the token's
+        # channels: their commands wait for the connect reply, see Client.server_op).
+        clients = self.user_clients(user)
+        clients += [c for c in self.connecting if c.server_op is not None and c.user == user]
+        return [c for c in clients if not client_id or c.id == client_id]
 
     def _push_join_leave(self, channel: str, kind: str, info: ClientInfo) -> None:
         chan = self.channels.get(channel)
@@ -1238,7 +1242,8 @@ async def _server_subscribe(
     """A server API subscribe, once the one before it for this connection is done."""
     if before is not None and not before.done():
         await asyncio.wait([before])
-    await client.server_subscribe(channel, data=data, info=info)
+    if client.connected:  # not a connect that failed meanwhile
+        await client.server_subscribe(channel, data=data, info=info)
 
 
 def _after_server_op(client: Client, action: Callable[..., None], *args: Any) -> None:
@@ -1249,7 +1254,12 @@ def _after_server_op(client: Client, action: Callable[..., None], *args: Any) ->
     if op is None or op.done():
         action(*args)
     else:
-        op.add_done_callback(lambda _: action(*args))
+        op.add_done_callback(lambda _: _if_connected(client, action, *args))
+
+
+def _if_connected(client: Client, action: Callable[..., None], *args: Any) -> None:
+    if client.connected:  # not a connect that failed meanwhile
+        action(*args)
 
 
 def _server_op_done(client: Client, op: asyncio.Future[Any]) -> None:

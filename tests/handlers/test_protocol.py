@@ -308,6 +308,61 @@ async def test_server_side_subscription_gets_join_and_leave_only_when_forced(squ
     assert kind(push) == "pub", push  # the join never came
 
 
+def _hold_broker_subscribe(sq: Any, channel: str) -> asyncio.Event:
+    """Hold the broker subscribe of ``channel`` until the returned event is set (a slow
+    engine: a connect subscribing its token's channels waits there)."""
+    release = asyncio.Event()
+    real = sq.hub.broker.subscribe
+
+    async def held(ch: str) -> None:
+        if ch == channel:
+            await release.wait()
+        await real(ch)
+
+    sq.hub.broker.subscribe = held
+    return release
+
+
+@pytest.mark.parametrize("method", ["disconnect", "subscribe", "unsubscribe", "send"])
+async def test_server_api_command_during_a_connect_reaches_that_connection(squall, method):
+    """A server API command for a user whose connect is still subscribing its token's
+    channels reaches that connection: a disconnect closes it, the others act once the
+    connect reply is out. They answered success and did nothing (a banned user connected
+    anyway), as the connection was not registered until its connect finished."""
+    sq = await squall()
+    slow, other = "chat:" + chan(), "chat:" + chan()
+    release = _hold_broker_subscribe(sq, slow)
+    c = await sq.raw()
+    await c.send({"id": 1, "connect": {"token": token("mallory", extra={"channels": [slow]})}})
+    await asyncio.sleep(0.1)  # the connect waits for the broker
+    params = {
+        "disconnect": {"user": "mallory"},
+        "subscribe": {"user": "mallory", "channel": other},
+        "unsubscribe": {"user": "mallory", "channel": slow},
+        "send": {"user": "mallory", "data": {"hello": 1}},
+    }[method]
+    assert (await sq.api(method, params)) == {"result": {}}
+    release.set()
+    if method == "disconnect":
+        assert (await c.closed())[0] == 3503
+        assert sq.hub.user_clients("mallory") == []
+        return
+    reply = await c.next_non_ping()
+    assert reply["id"] == 1, reply
+    assert slow in reply["connect"]["subs"], reply
+    push = (await c.next_push())["push"]
+    while "join" in push or "leave" in push:
+        push = (await c.next_push())["push"]
+    if method == "subscribe":
+        assert (push["channel"], "subscribe" in push) == (other, True), push
+    elif method == "unsubscribe":
+        assert (push["channel"], push["unsubscribe"]["code"]) == (slow, 2000), push
+        reply = await sq.api("presence_stats", {"channel": slow})
+        assert reply["result"]["num_clients"] == 0
+    else:
+        assert push == {"message": {"data": {"hello": 1}}}, push
+
+
 async def test_server_side_subscription_recovers_on_reconnect(squall):
     """Reconnecting with `subs` positions recovers the missed pubs of server-side channels."""
     sq = await squall()
