@@ -160,13 +160,16 @@ async def test_short_subscriptions_join_before_they_leave_on_other_instances(clu
         async with gate:
             await visit(n)
 
-    await asyncio.gather(*(gated(n) for n in range(total)))
     events: dict[str, list[str]] = {}
-    while sum(len(e) for e in events.values()) < 2 * total:
-        push = (await observer.next_push(within=WITHIN))["push"]
-        for event in ("join", "leave"):
-            if event in push and push[event]["info"]["user"] != "observer":
-                events.setdefault(push[event]["info"]["client"], []).append(event)
+    try:
+        await asyncio.gather(*(gated(n) for n in range(total)))
+        while sum(len(e) for e in events.values()) < 2 * total:
+            push = (await observer.next_push(within=WITHIN))["push"]
+            for event in ("join", "leave"):
+                if event in push and push[event]["info"]["user"] != "observer":
+                    events.setdefault(push[event]["info"]["client"], []).append(event)
+    finally:
+        observer.close()
     out_of_order = [c for c, e in events.items() if e != ["join", "leave"]]
     assert (len(events), out_of_order) == (total, [])
 

@@ -408,9 +408,15 @@ async def test_flapping_link_backs_off_until_it_stays_up(
     # most: no more than 6 reconnects fit in 2.5 s (without backoff about 50).
     assert 2 <= len(events.gaps) <= 9, len(events.gaps)
 
-    await until(a.is_connected, within=4.0)
-    await asyncio.sleep(2.2)  # stayed up for long enough: the next reconnect is quick again
-    flaps = len(events.gaps)
+    for _ in range(3):
+        # Stayed up for long enough: the next reconnect is quick again. On a busy host
+        # the last kill can be noticed after is_connected said yes: then wait again.
+        await until(a.is_connected, within=4.0)
+        flaps = len(events.gaps)
+        await asyncio.sleep(2.2)
+        if len(events.gaps) == flaps and a.is_connected():
+            break
+    assert len(events.gaps) == flaps
     started = time.monotonic()
     await command(admin, "CLIENT", "KILL", "TYPE", "pubsub")
     await events.wait_for(lambda: len(events.gaps) > flaps)
