@@ -206,6 +206,7 @@ class Client:
         "_pong_timer",
         "_queue",
         "_queued_bytes",
+        "_refused",
         "_stale_timer",
         "_sub_timers",
         "_verifier",
@@ -244,6 +245,7 @@ class Client:
         self._max_queue = cfg.max_queue_bytes
         self._allowance = float(cfg.command_burst)
         self._allowance_at = time.monotonic()
+        self._refused = 0  # commands refused with 111 since the last one allowed
         self._ping_timer: asyncio.TimerHandle | None = None
         self._pong_timer: asyncio.TimerHandle | None = None
         self._busy = False  # a frame's commands are running (its later frames wait unread)
@@ -399,11 +401,35 @@ class Client:
                 if self.closed:  # an earlier command of this frame ended the connection
                     return
                 if not self._take_allowance():
-                    self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "command rate exceeded")
-                    return
+                    if not self._refuse(cmd):
+                        return
+                    continue
+                self._refused = 0
                 await self._dispatch(cmd)
         finally:
             self._busy = False
+
+    def _refuse(self, cmd: Command) -> bool:
+        """A command over the command rate: error 111 (temporary, as Centrifugo's rate
+        limits answer), the connection kept. A client that goes on regardless
+        (``command_burst`` refused in a row), or a command that gets no reply
+        (``send``, a pong), is disconnected with 3013. False when disconnected.
+        """
+        burst = self._hub.config.client.command_burst
+        if not cmd.id or self._refused >= burst:
+            self.disconnect(codes.TOO_MANY_REQUESTS_DISCONNECT, "command rate exceeded")
+            return False
+        if not self._refused:
+            log.info(
+                "command rate exceeded: error 111 client=%s user=%s method=%s",
+                self.id,
+                self.user,
+                cmd.method,
+            )
+        self._refused += 1
+        self._hub.metrics.messages_in += 1
+        self.enqueue(encode_error(cmd.id, codes.TOO_MANY_REQUESTS.to_dict()))
+        return True
 
     def on_transport_ping(self) -> None:
         """The peer sent a transport-level ping (a WebSocket ping frame).

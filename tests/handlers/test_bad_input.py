@@ -455,8 +455,9 @@ async def test_send_never_gets_a_reply_even_when_it_fails(squall):
 # ---------------------------------------------------------------------- floods and slow readers
 
 
-async def test_command_flood_closes_with_3013(squall):
-    """More commands than command_rate/command_burst allow closes with 3013 too many requests."""
+async def test_command_flood_gets_111_then_closes_with_3013(squall):
+    """Commands past command_rate/command_burst get error 111 (temporary); a client that
+    goes on regardless (command_burst refused in a row) is closed with 3013."""
     sq, ok = await server_and_bystander(
         squall, **{"client.command_rate": 1, "client.command_burst": 4}
     )
@@ -466,11 +467,32 @@ async def test_command_flood_closes_with_3013(squall):
             {"id": 1, "connect": {"token": token("alice")}},
             *({"id": i, "ping": {}} for i in range(2, 12)),
         )
-        replies = [await bad.next_non_ping() for _ in range(4)]
+        replies = [await bad.next_non_ping() for _ in range(8)]
         assert "connect" in replies[0]
-        assert [r["id"] for r in replies[1:]] == [2, 3, 4]
+        assert [r["id"] for r in replies[1:4]] == [2, 3, 4]
+        assert [(r["id"], r["error"]["code"]) for r in replies[4:]] == [
+            (5, 111),
+            (6, 111),
+            (7, 111),
+            (8, 111),
+        ]
+        assert replies[4]["error"]["temporary"] is True
         assert await bad.closed() == (3013, "too many requests")
     await ok.still_works()
+
+
+async def test_a_client_over_the_command_rate_keeps_its_connection(squall):
+    """A busy client that goes past the rate now and then (an app awaiting each publish in
+    turn) gets 111 for the commands over it and goes on once the rate allows: it used to
+    be disconnected with 3013 about once a second, its command in flight lost."""
+    sq = await squall(**{"client.command_rate": 5, "client.command_burst": 2})
+    c = await sq.raw(connect=True)  # the connect took one of the burst of 2
+    assert await c.command("ping") == {"id": 2, "ping": {}}
+    refused = await c.command("ping")
+    assert refused["error"]["code"] == 111, refused
+    await asyncio.sleep(0.25)  # the rate gives one more
+    assert await c.command("ping") == {"id": 4, "ping": {}}
+    assert len(sq.hub.clients) == 1
 
 
 async def test_websocket_ping_flood_closes_with_3013(squall):
