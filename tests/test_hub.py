@@ -413,11 +413,12 @@ async def test_small_publications_kept_in_history_hold_only_their_own_bytes(squa
 async def test_presence_refresh_of_many_subscriptions_beats_the_entries_expiry(squall):
     """Presence entries are refreshed concurrently: one refresh after another, a pass over
     many subscriptions with a slow presence engine took longer than entries live, and
-    subscribers still connected dropped out of presence (here: 30 subscriptions, 50 ms a
-    call, entries living 0.6 s; one after another a pass would take 1.5 s)."""
-    sq = await squall(**{"client.presence_interval": 0.2, "client.presence_ttl": 0.6})
+    subscribers still connected dropped out of presence (here: 40 subscriptions, 100 ms a
+    refresh, entries living 1.5 s; one after another a pass would take 4 s)."""
+    sq = await squall(**{"client.presence_interval": 0.3, "client.presence_ttl": 1.5})
     manager = sq.hub.presence_manager
     real_add = manager.add_presence
+    slow = False
     in_flight = most = 0
 
     async def slow_add(channel, info, ttl):
@@ -425,19 +426,21 @@ async def test_presence_refresh_of_many_subscriptions_beats_the_entries_expiry(s
         in_flight += 1
         most = max(most, in_flight)
         try:
-            await asyncio.sleep(0.05)  # a slow engine, as Redis far away or busy
+            if slow:
+                await asyncio.sleep(0.1)  # a slow engine, as Redis far away or busy
             await real_add(channel, info, ttl)
         finally:
             in_flight -= 1
 
     manager.add_presence = slow_add
-    total = 30
+    total = 40
     for n in range(total):
         c = await sq.raw(connect=True, sub=f"u{n}")
         reply = await c.command("subscribe", {"channel": f"chat:room{n}"})
         assert "subscribe" in reply, reply
-    for _ in range(6):  # 1.5 s: several refresh passes
-        await asyncio.sleep(0.25)
+    slow = True
+    for _ in range(6):  # 3 s: several refresh passes, each entry past its first ttl
+        await asyncio.sleep(0.5)
         counts = [
             (await sq.api("presence_stats", {"channel": f"chat:room{n}"}))["result"]["num_clients"]
             for n in range(total)
