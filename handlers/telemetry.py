@@ -215,12 +215,6 @@ class TelemetryIngestHandler(BoundedBody, TelemetryHandler):
                 creds.user, creds.claims, data, channel=channel, opts=opts, info=info
             )
         except RateLimited as exc:
-            if math.isinf(exc.retry_after):
-                burst = self.hub.telemetry_ingest.limiter_burst
-                await self.refuse(
-                    ClientError(codes.TOO_MANY_REQUESTS, f"more points than the burst of {burst}")
-                )
-                return
             self.set_header("Retry-After", str(max(1, math.ceil(exc.retry_after))))
             await self.refuse(exc)
             return

@@ -309,6 +309,14 @@ class TelemetryIngest:
             # every browser (they resolve "." and ".." segments, %2E too).
             raise ClientError(codes.BAD_REQUEST, f"device id {device!r} cannot be used")
         raw_points = frame_points(data, self.cfg.max_points_per_frame)
+        if self.cfg.max_points_per_second > 0 and len(raw_points) > self.limiter_burst:
+            # Never passes, however long the device waits: refused for good (107), not
+            # 111, whose "temporary" makes devices and SDKs send it again and again.
+            raise InvalidFrame(
+                f"more points in one frame than telemetry.max_points_burst allows "
+                f"({len(raw_points)} > {self.limiter_burst})",
+                [],
+            )
         wait = self.limiter.take(device, len(raw_points))
         if wait:
             log.info(

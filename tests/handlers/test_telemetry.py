@@ -267,10 +267,19 @@ async def test_rate_limit_is_111_on_websocket_and_429_over_http_per_device(squal
     assert 1 <= int(headers["Retry-After"]) <= 3
     code, _, _ = await post_points(sq, "d2", more)  # another device has its own budget
     assert code == 202
-    code, body, headers = await post_points(sq, "d3", [{"values": {"v": i}} for i in range(6)])
-    assert code == 429  # more than the burst: can never pass, so no Retry-After
-    assert "burst of 5" in body["error"]["message"]
+    # More than the burst can never pass: refused for good (107 / 400), not 111, whose
+    # "temporary" made devices send the same frame again and again.
+    six = [{"ts": ts + 20 + i, "values": {"v": i}} for i in range(6)]
+    code, body, headers = await post_points(sq, "d3", six)
+    assert code == 400
+    assert body["error"]["code"] == 107
+    assert "max_points_burst allows (6 > 5)" in body["error"]["message"]
     assert "Retry-After" not in headers
+    ws = await sq.raw(connect=True, token=device_token("d4"))
+    reply = await ws.command("publish", {"channel": "telemetry:d4", "data": six})
+    assert reply["error"]["code"] == 107, reply
+    assert "max_points_burst allows (6 > 5)" in reply["error"]["message"]
+    assert "temporary" not in reply["error"]
     code, body = await query(sq, "d1", metric="v", from_=ts, to=ts + MINUTE, step=MINUTE)
     assert body["points"][0]["count"] == 5  # nothing of the refused frames was stored
 
