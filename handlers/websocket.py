@@ -450,10 +450,16 @@ class CentrifugoWebSocket(tornado.websocket.WebSocketHandler):
             self.client.on_transport_ping()
 
     def on_close(self) -> None:
-        client = self.client
+        client, proto = self.client, self._protocol
+        # Nothing calls back into this handler any more: without these references
+        # it goes with its last one, and so do its protocol and client. With them
+        # (the protocol and the transport point back here) only the cyclic GC could
+        # free a closed connection, and with server.gc_freeze it scans long-lived
+        # objects rarely: every closed long-lived connection stayed in memory.
+        self.client = None
+        self._protocol = None
         if client is None or client.closed:
             return
-        proto = self._protocol
         if proto is not None and proto.own_close is not None:
             # Tornado closed on its own: the only such case is an oversize frame.
             client.on_transport_closed(*proto.own_close)
