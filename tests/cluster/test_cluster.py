@@ -149,7 +149,7 @@ async def test_short_subscriptions_join_before_they_leave_on_other_instances(clu
         try:
             await c.send({"id": 1, "connect": {"token": token(f"u{n}")}})
             await c.send({"id": 2, "subscribe": {"channel": ch}})
-            while (await c.next_non_ping()).get("id") != 2:
+            while (await c.next_non_ping(within=WITHIN)).get("id") != 2:
                 pass
         finally:
             c.close()
